@@ -1,0 +1,122 @@
+"""Configuration as dataclasses: model presets here, YAML files in configs/, `--key value` overrides.
+
+OmegaConf merges a dataclass schema, a YAML file and dotted overrides with type checking, so no
+hand-written parser lives here. A preset is the name of a YAML file in `configs/`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass
+class ModelConfig:
+    """Field names of transformers' LlamaConfig (see hf/configuration_llamaforge.py)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 256
+    intermediate_size: int = 688
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    max_position_embeddings: int = 256
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = True
+    initializer_range: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    seq_len: int = 256
+    batch_tokens: int = 16384  # tokens per optimizer step (all ranks, all micro-batches)
+    micro_batch: int = 8  # sequences per forward pass on one rank
+    max_steps: int = 300
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    eval_tokens: int = 65536
+    save_every: int = 100
+    keep_last: int = 2
+    seed: int = 1337
+    compile: bool = False
+    activation_checkpointing: bool = False
+    fsdp: bool = False
+    max_bad_steps: int = 5  # NaN/inf steps in a row before aborting
+    sample_prompt: str = "The meaning of life is"
+    wandb: bool = False
+    wandb_project: str = "llamaforge"
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tokenizer: str = "mistral"
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def load_config(preset: str | None = None, file: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Schema defaults <- preset or YAML file <- `key=value` overrides (e.g. `train.lr=1e-3`)."""
+    if preset and file:
+        raise UserError("give --preset or --config, not both")
+    schema = OmegaConf.structured(RunConfig)
+    layers = [schema]
+    if preset:
+        path = CONFIG_DIR / f"{preset}.yaml"
+        if not path.exists():
+            raise UserError(f"unknown preset {preset!r}; choose one of: {', '.join(preset_names())}")
+        file = path
+    try:
+        if file:
+            if not Path(file).exists():
+                raise UserError(f"config file {file} does not exist; pass an existing YAML file")
+            layers.append(OmegaConf.load(file))
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as e:
+        raise UserError(f"bad configuration: {str(e).splitlines()[0]}; check the key names and types") from None
+    cfg: RunConfig = OmegaConf.to_object(merged)
+    validate_model(cfg.model)
+    return cfg
+
+
+def validate_model(m: ModelConfig) -> None:
+    if m.hidden_size % m.num_attention_heads:
+        raise UserError(
+            f"hidden_size {m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}; "
+            "pick a head count that divides the hidden size"
+        )
+    if m.num_attention_heads % m.num_key_value_heads:
+        raise UserError(
+            f"num_key_value_heads {m.num_key_value_heads} does not divide num_attention_heads "
+            f"{m.num_attention_heads}; use a divisor of the head count"
+        )
+    if (m.hidden_size // m.num_attention_heads) % 2:
+        raise UserError("head dimension must be even for rotary embeddings; change hidden_size or heads")
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    from .cache import atomic_write_bytes
+
+    atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
+
+
+def model_kwargs(m: ModelConfig) -> dict:
+    return asdict(m)

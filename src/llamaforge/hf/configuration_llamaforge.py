@@ -1,0 +1,89 @@
+"""LlamaForge configuration: the field names of transformers' `LlamaConfig`, so Llama tooling reads ours.
+
+Self-contained (imports nothing from llamaforge): `save_pretrained` copies this file next to the
+weights and `trust_remote_code=True` loads it.
+
+Rotary settings live where the installed transformers keeps them for Llama: `rope_parameters`
+(transformers >= 5: {"rope_type": "default"|"linear", "factor": F, "rope_theta": T}) or the older
+`rope_scaling` + `rope_theta`. Both spellings are accepted on input.
+"""
+
+from transformers import PretrainedConfig
+
+# transformers >= 5 turned `rope_scaling` into a deprecated alias of `rope_parameters`.
+_HAS_ROPE_PARAMETERS = isinstance(getattr(PretrainedConfig, "rope_scaling", None), property)
+
+
+class LlamaForgeConfig(PretrainedConfig):
+    model_type = "llamaforge"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 512,
+        intermediate_size: int = 1376,
+        num_hidden_layers: int = 8,
+        num_attention_heads: int = 8,
+        num_key_value_heads: int | None = None,
+        max_position_embeddings: int = 256,
+        rope_theta: float = 10000.0,
+        rope_scaling: dict | None = None,
+        rms_norm_eps: float = 1e-5,
+        tie_word_embeddings: bool = False,
+        initializer_range: float = 0.02,
+        bos_token_id: int = 1,
+        eos_token_id: int = 2,
+        pad_token_id: int | None = None,
+        use_cache: bool = True,
+        **kwargs,
+    ):
+        if num_key_value_heads is None:
+            num_key_value_heads = num_attention_heads
+        if hidden_size % num_attention_heads != 0:
+            raise ValueError(
+                f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}; "
+                "pick a head count that divides the hidden size"
+            )
+        if num_attention_heads % num_key_value_heads != 0:
+            raise ValueError(
+                f"num_key_value_heads {num_key_value_heads} does not divide num_attention_heads "
+                f"{num_attention_heads}; use a divisor of the head count"
+            )
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = hidden_size // num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.initializer_range = initializer_range
+        self.use_cache = use_cache
+        self.hidden_act = "silu"
+        self.attention_bias = False
+        self.mlp_bias = False
+        rope = kwargs.pop("rope_parameters", None) or rope_scaling
+        self.rope_theta = float((rope or {}).get("rope_theta", rope_theta))
+        if _HAS_ROPE_PARAMETERS:
+            self.rope_parameters = dict(rope or {"rope_type": "default"}, rope_theta=self.rope_theta)
+        else:
+            self.rope_scaling = rope
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.tie_word_embeddings = tie_word_embeddings
+
+    @property
+    def rope_factor(self) -> float:
+        """Linear Position-Interpolation factor (1.0 = none)."""
+        rope = getattr(self, "rope_parameters", None) or getattr(self, "rope_scaling", None) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ("default", "linear"):
+            raise ValueError(f"rope type {kind!r} is not supported; use 'linear' or none")
+        return float(rope.get("factor", 1.0)) if kind == "linear" else 1.0

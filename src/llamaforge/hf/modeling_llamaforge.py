@@ -1,0 +1,250 @@
+"""LlamaForge: a LLaMA-architecture causal LM, native to Hugging Face.
+
+Design decisions, up front:
+- pre-normalization with RMSNorm computed in fp32 (bf16 variance underflows), no biases anywhere;
+- SwiGLU MLP: w2(silu(w1 x) * w3 x);
+- rotary embeddings in the rotate-half layout used by transformers' Llama, so weights map 1:1;
+  linear Position Interpolation divides the frequencies by `factor` (arXiv 2306.15595);
+- grouped-query attention through F.scaled_dot_product_attention (flash kernels on GPU);
+- untied head by default; GPT-2/LLaMA init (std 0.02, residual-output projections / sqrt(2 L));
+- loss with ignore_index=-100, summed and divided by `num_items_in_batch` when given, so gradient
+  accumulation normalizes per token over the whole optimizer step;
+- KV cache through transformers' Cache API; a 2-D `attention_mask` (left padding) is honoured.
+Self-contained: imports nothing from llamaforge, so it travels with the weights (trust_remote_code).
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .configuration_llamaforge import LlamaForgeConfig  # copied next to this file as remote code
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()  # fp32: the mean of squares underflows in bf16
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, factor: float, dtype: torch.dtype):
+    """cos, sin of shape (B, T, head_dim) for integer positions (B, T); positions are divided by `factor`."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float) / head_dim))
+    inv_freq = inv_freq / factor  # linear Position Interpolation
+    angles = position_ids[..., None].float() * inv_freq  # (B, T, head_dim/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, head_dim): rotate-half layout
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, n_head, T, head_dim); cos/sin: (B, T, head_dim)."""
+    cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaForgeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head = config.num_attention_heads
+        self.n_kv_head = config.num_key_value_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.wq = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.wv = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        self.wo.residual_out = True  # scaled init, see _init_weights
+
+    def forward(self, x, cos, sin, mask, past_key_values):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, n_kv_head, T_past + T, head_dim)
+        gqa = self.n_kv_head != self.n_head
+        if mask is None:  # whole causal block, no padding: the flash / efficient kernels apply
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, hidden)
+        return self.wo(y)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: LlamaForgeConfig):
+        super().__init__()
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # gate
+        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # up
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # down
+        self.w2.residual_out = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config: LlamaForgeConfig, layer_idx: int):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.feed_forward = FeedForward(config)
+
+    def forward(self, x, cos, sin, mask, past_key_values):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, past_key_values)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+def build_attention_mask(attention_mask: torch.Tensor | None, T: int, past: int) -> torch.Tensor | None:
+    """Boolean (B, 1, T, past + T) mask, True = attend; None when plain causal attention is exact.
+
+    Padded query rows may attend causally to anything (their outputs are never used), which keeps
+    every row non-empty so softmax never sees an all-masked row (NaN).
+    """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask  # already expanded by the caller
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past == 0 or T == 1):
+        return None  # is_causal (past == 0) or a single query that sees every cached key
+    device = attention_mask.device if attention_mask is not None else None
+    q_pos = torch.arange(past, past + T, device=device)[:, None]
+    k_pos = torch.arange(past + T, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, past + T)
+    if padded:
+        keys = attention_mask[:, None, None, : past + T].bool()  # (B, 1, 1, past + T)
+        queries = attention_mask[:, None, past : past + T, None].bool()  # (B, 1, T, 1)
+        mask = mask & (keys | ~queries)
+    return mask
+
+
+class LlamaForgePreTrainedModel(PreTrainedModel):
+    config_class = LlamaForgeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            if getattr(module, "residual_out", False):
+                std = std / math.sqrt(2 * self.config.num_hidden_layers)
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class LlamaForgeModel(LlamaForgePreTrainedModel):
+    def __init__(self, config: LlamaForgeConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False):
+        B, T = input_ids.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                # left padding: a prompt's first real token is position 0
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past : past + T]
+            else:
+                position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
+        x = self.embed_tokens(input_ids)  # (B, T, hidden)
+        cos, sin = rope_cos_sin(
+            position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_factor, x.dtype
+        )
+        mask = build_attention_mask(attention_mask, T, past)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, past_key_values)
+        return self.norm(x), past_key_values
+
+
+class LlamaForgeForCausalLM(LlamaForgePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: LlamaForgeConfig):
+        super().__init__(config)
+        self.model = LlamaForgeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        labels: torch.LongTensor | None = None,
+        shift_labels: torch.LongTensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """`labels` follow transformers (aligned with input_ids, shifted here); `shift_labels` are
+        already the next-token targets. -100 is ignored. With `num_items_in_batch` the summed loss
+        is divided by it (per-token normalization over a whole accumulated step)."""
+        use_cache = self.config.use_cache if use_cache is None and not self.training else bool(use_cache)
+        h, past_key_values = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)  # (B, T, vocab)
+        loss = None
+        if labels is not None and shift_labels is None:
+            shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
+        if shift_labels is not None:
+            loss = causal_lm_loss(logits, shift_labels, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+
+
+def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """Cross-entropy in fp32 over (B, T, vocab) logits and (B, T) targets, -100 ignored."""
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    loss = F.cross_entropy(
+        logits.float().flatten(0, 1), targets.flatten().to(logits.device), ignore_index=-100, reduction=reduction
+    )
+    if num_items_in_batch is not None:
+        loss = loss / num_items_in_batch
+    return loss

@@ -1,0 +1,134 @@
+"""The model against transformers' own Llama, component by component and whole."""
+
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
+
+from llamaforge.convert import from_llama, to_llama
+from llamaforge.hf.modeling_llamaforge import FeedForward, RMSNorm, apply_rope, rope_cos_sin
+
+
+@pytest.mark.parametrize("tied,factor,kv", [(False, 1.0, 2), (True, 4.0, 2), (False, 2.0, 4), (True, 1.0, 1)])
+def test_logits_match_transformers_llama(small_model, ids, tied, factor, kv):
+    model = small_model(tie_word_embeddings=tied, num_key_value_heads=kv)
+    if factor != 1.0:
+        model.config.rope_parameters = {"rope_type": "linear", "factor": factor, "rope_theta": 10000.0}
+    llama = to_llama(model)
+    assert llama.config.rope_parameters.get("factor", 1.0) == factor
+    with torch.no_grad():
+        diff = (model(ids).logits - llama(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+    back = from_llama(llama)
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, model(ids).logits)
+
+
+def test_rmsnorm_matches_reference_and_formula():
+    x = torch.randn(3, 5, 64)
+    ours, ref = RMSNorm(64, 1e-5), LlamaRMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(ours.weight)
+    formula = x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-5) * ours.weight
+    torch.testing.assert_close(ours(x), formula)
+    torch.testing.assert_close(ours(x), ref(x))
+    # a bf16 model normalizes in fp32 and returns bf16, close to the fp32 result
+    y = ours.to(torch.bfloat16)(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), formula, atol=0.05, rtol=0.02)
+
+
+def test_rope_matches_the_rotation_formula():
+    """Pair (i, i + d/2) at position m is rotated by m * theta^(-2i/d) / factor."""
+    B, H, T, d, theta, factor = 1, 2, 7, 8, 10000.0, 2.0
+    x = torch.randn(B, H, T, d)
+    pos = torch.arange(T)[None]
+    cos, sin = rope_cos_sin(pos, d, theta, factor, torch.float32)
+    got = apply_rope(x, cos, sin)
+    want = torch.empty_like(x)
+    for m in range(T):
+        for i in range(d // 2):
+            a = m / factor * theta ** (-2 * i / d)
+            x1, x2 = x[..., m, i], x[..., m, i + d // 2]
+            want[..., m, i] = x1 * math.cos(a) - x2 * math.sin(a)
+            want[..., m, i + d // 2] = x1 * math.sin(a) + x2 * math.cos(a)
+    torch.testing.assert_close(got, want)
+    # relative: q.k depends only on the distance between positions
+    q, k = torch.randn(d), torch.randn(d)
+    pos = torch.tensor([[3, 5, 13, 15]])
+    c, s = rope_cos_sin(pos, d, theta, 1.0, torch.float32)
+    r = apply_rope(torch.stack([q, k, q, k])[None, None], c, s)[0, 0]
+    torch.testing.assert_close(r[0] @ r[1], r[2] @ r[3])
+
+
+def test_swiglu_matches_llama_mlp(small_model):
+    cfg = small_model().config
+    ours = FeedForward(cfg)
+    ref = LlamaMLP(LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size))
+    with torch.no_grad():
+        ref.gate_proj.weight.copy_(ours.w1.weight)
+        ref.up_proj.weight.copy_(ours.w3.weight)
+        ref.down_proj.weight.copy_(ours.w2.weight)
+    x = torch.randn(2, 3, cfg.hidden_size)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_init_scales_residual_projections(small_model):
+    m = small_model(hidden_size=256, intermediate_size=512, num_hidden_layers=8, vocab_size=2048)
+    layer = m.model.layers[0]
+    assert abs(layer.attention.wq.weight.std().item() - 0.02) < 0.002
+    want = 0.02 / math.sqrt(2 * 8)
+    assert abs(layer.attention.wo.weight.std().item() - want) < 0.001
+    assert abs(layer.feed_forward.w2.weight.std().item() - want) < 0.001
+    assert torch.equal(layer.ffn_norm.weight, torch.ones(256))
+
+
+def test_loss_normalizes_per_token_over_accumulated_micro_batches(small_model, ids):
+    m = small_model()
+    labels = ids.clone()
+    labels[0, :100] = -100  # uneven numbers of targets in the two micro-batches
+    full = m(ids, labels=labels).loss
+    n = (labels[:, 1:] != -100).sum()
+    parts = sum(m(ids[i : i + 1], labels=labels[i : i + 1], num_items_in_batch=n).loss for i in range(2))
+    torch.testing.assert_close(parts, full)
+    # shift_labels (already next-token targets) gives the same loss as labels
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+    torch.testing.assert_close(m(ids, shift_labels=shifted).loss, full)
+
+
+def test_kv_cache_greedy_equals_recompute(small_model):
+    m = small_model()
+    prompt = torch.randint(3, 512, (1, 9), generator=torch.Generator().manual_seed(1))
+    kw = dict(max_new_tokens=20, do_sample=False, eos_token_id=None, pad_token_id=0)
+    cached = m.generate(prompt, use_cache=True, **kw)
+    fresh = m.generate(prompt, use_cache=False, **kw)
+    assert cached.shape[1] == 29
+    assert torch.equal(cached, fresh)
+
+
+def test_left_padded_batch_generates_like_each_prompt_alone(small_model):
+    m = small_model()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 512, (n,), generator=g) for n in (4, 11, 7)]
+    kw = dict(max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
+    alone = [m.generate(p[None], **kw)[0, len(p):] for p in prompts]
+    T = max(len(p) for p in prompts)
+    batch = torch.zeros(3, T, dtype=torch.long)
+    mask = torch.zeros(3, T, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        batch[i, T - len(p):], mask[i, T - len(p):] = p, 1
+    out = m.generate(batch, attention_mask=mask, **kw)[:, T:]
+    for i in range(3):
+        assert torch.equal(out[i], alone[i])
+
+
+def test_bad_config_is_refused():
+    from llamaforge.hf.configuration_llamaforge import LlamaForgeConfig
+
+    with pytest.raises(ValueError, match="divisible"):
+        LlamaForgeConfig(hidden_size=100, num_attention_heads=3)
+    with pytest.raises(ValueError, match="divide"):
+        LlamaForgeConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
