@@ -132,3 +132,31 @@ def test_bad_config_is_refused():
         LlamaForgeConfig(hidden_size=100, num_attention_heads=3)
     with pytest.raises(ValueError, match="divide"):
         LlamaForgeConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=3)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_fused_training_loss_matches_plain_cross_entropy(small_model, ids, tied):
+    """Training mode uses the chunked head + loss; values and gradients equal lm_head + F.cross_entropy."""
+    from llamaforge.hf.modeling_llamaforge import linear_cross_entropy
+
+    m = small_model(tie_word_embeddings=tied)
+    targets = ids.roll(-1, 1)
+    targets[0, :37] = -100
+    m.train()
+    fused = m(ids, shift_labels=targets, num_items_in_batch=300).loss
+    fused.backward()
+    g_fused = {k: p.grad.clone() for k, p in m.named_parameters()}
+    m.zero_grad()
+    m.eval()
+    logits = m(ids).logits
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                              reduction="sum") / 300
+    plain.backward()
+    torch.testing.assert_close(fused, plain)
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(g_fused[k], p.grad, atol=1e-6, rtol=1e-4)
+    h = torch.randn(5, 8, 16)
+    w = torch.randn(50, 16)
+    t = torch.randint(0, 50, (5, 8))
+    torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk=7),
+                               torch.nn.functional.cross_entropy((h @ w.t()).flatten(0, 1), t.flatten()))

@@ -230,12 +230,14 @@ class LlamaForgeForCausalLM(LlamaForgePreTrainedModel, GenerationMixin):
         h, past_key_values = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
-        logits = self.lm_head(h)  # (B, T, vocab)
-        loss = None
-        if labels is not None and shift_labels is None:
+        if shift_labels is None and labels is not None:
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
-        if shift_labels is not None:
-            loss = causal_lm_loss(logits, shift_labels, num_items_in_batch)
+        if shift_labels is not None and self.training:
+            # training: fused head + loss, the (B, T, vocab) logits are never materialized
+            loss = linear_cross_entropy(h, self.lm_head.weight, shift_labels, num_items_in_batch)
+            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=past_key_values if use_cache else None)
+        logits = self.lm_head(h)  # (B, T, vocab)
+        loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
 
 
@@ -248,3 +250,45 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_bat
     if num_items_in_batch is not None:
         loss = loss / num_items_in_batch
     return loss
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Output head + cross-entropy, chunked over rows. The gradient (softmax - onehot) is formed in
+    the forward pass, chunk by chunk, so the (N, vocab) logits, their log-softmax and its backward
+    never exist whole: same FLOPs as lm_head + F.cross_entropy, far less memory traffic."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk):
+        # h (N, d), weight (vocab, d), targets (N,) with -100 = ignore; returns the summed loss
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        for s in range(0, h.shape[0], chunk):
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            valid = (tc != -100)[:, None]  # (n, 1)
+            idx = tc.clamp(min=0)[:, None]
+            logits = (hc @ weight.t()).float()  # (n, vocab), fp32 for the softmax
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            loss += ((lse - logits.gather(1, idx)) * valid).sum()
+            if need_grad:
+                p = logits.sub_(lse).exp_()  # softmax, in place
+                p.scatter_add_(1, idx, -valid.float()).mul_(valid)  # softmax - onehot; ignored rows 0
+                p = p.to(hc.dtype)
+                grad_h[s : s + chunk] = p @ weight.to(hc.dtype)
+                grad_w += (p.t() @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None
+
+
+def linear_cross_entropy(h, weight, targets, num_items_in_batch=None, chunk: int = 1024) -> torch.Tensor:
+    """Loss of lm_head(h) against (B, T) targets; mean over targets, or sum / num_items_in_batch."""
+    total = _LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten().to(h.device), chunk)
+    denom = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
+    return total / denom

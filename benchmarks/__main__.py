@@ -1,0 +1,144 @@
+"""llamaforge benchmarks: each one measures ours and a named baseline in the same run, interleaved,
+and prints both and the ratio (these machines are noisy: only same-run ratios are comparable).
+
+    python -m benchmarks                 # all
+    python -m benchmarks train_step      # one
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+REGISTRY = {}
+
+
+def benchmark(fn):
+    REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
+    """fp32 matmul throughput of this machine right now (the 'peak' MFU is measured against)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def interleaved(fns: dict, warmup: int, reps: int) -> dict[str, float]:
+    """Median seconds per call of each fn, calls alternated so background noise hits all alike."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def report(name: str, ours: float, base: float, base_name: str, unit: str, extra: dict | None = None) -> dict:
+    """Print and return one result; ours and base are rates (higher is better)."""
+    row = {"benchmark": name, "ours": round(ours, 2), "baseline": base_name, "baseline_value": round(base, 2),
+           "unit": unit, "ratio": round(ours / base, 3), "threads": torch.get_num_threads(),
+           "machine": cpu_name(), "torch": torch.__version__}
+    row.update(extra or {})
+    print(f"{name}: ours {ours:,.1f} {unit} | {base_name} {base:,.1f} {unit} | ratio {ours / base:.3f}x")
+    return row
+
+
+BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                   num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
+
+
+def train_flops_per_token(cfg: dict, seq: int) -> float:
+    """6 N (matmul parameters: no input embedding) + causal attention 6 L T d (QK^T and AV, halved by causality)."""
+    d, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    n = L * (4 * d * d + 3 * d * f) + d * cfg["vocab_size"]
+    return 6 * n + 6 * L * seq * d
+
+
+@benchmark
+def train_step(args) -> dict:
+    """Forward + backward + AdamW step, fp32 CPU, batch 8 x 256: our training step vs transformers' LlamaForCausalLM."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from llamaforge.config import ModelConfig
+    from llamaforge.models import build_model
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.step import train_step as our_train_step
+
+    B, T = 8, 256
+    torch.manual_seed(0)
+    x = torch.randint(0, 32000, (B, T + 1))
+    inputs, targets = x[:, :-1], x[:, 1:]
+
+    ours = build_model(ModelConfig(**BENCH_MODEL)).train()
+    our_opt = build_optimizer(ours, lr=1e-4)
+
+    ref = LlamaForCausalLM(LlamaConfig(**BENCH_MODEL, attn_implementation="sdpa")).train()
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def ref_step():
+        loss = ref(input_ids=inputs, labels=x[:, :-1]).loss  # transformers shifts labels itself
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+
+    peak = matmul_peak_gflops()
+    t = interleaved({"ours": lambda: our_train_step(ours, our_opt, [(inputs, targets)]), "ref": ref_step}, args.warmup, args.reps)
+    tokens = B * T
+    flops = train_flops_per_token(BENCH_MODEL, T) * tokens
+    return report(
+        "train_step", tokens / t["ours"], tokens / t["ref"], "transformers LlamaForCausalLM + torch AdamW (foreach)", "tokens/s",
+        {"matmul_peak_gflops": round(peak, 1), "ours_frac_of_peak": round(flops / t["ours"] / 1e9 / peak, 3),
+         "baseline_frac_of_peak": round(flops / t["ref"] / 1e9 / peak, 3)},
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    p.add_argument("names", nargs="*", help=f"default: all of {', '.join(REGISTRY)}")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--json", help="also append results as JSON lines to this file")
+    args = p.parse_args(argv)
+    unknown = [n for n in args.names if n not in REGISTRY]
+    if unknown:
+        print(f"unknown benchmark {unknown[0]!r}; choose from {', '.join(REGISTRY)}", file=sys.stderr)
+        return 2
+    for name in args.names or REGISTRY:
+        row = REGISTRY[name](args)
+        if args.json:
+            with open(args.json, "a") as f:
+                f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
