@@ -65,6 +65,19 @@ def cmd_generate(args) -> None:
             print(f"--- {p}{o}")
 
 
+def cmd_prepare(args) -> None:
+    from .data.prepare import prepare
+
+    meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
+                   workers=args.workers, text_field=args.text_field, force=args.force)
+    sp = meta["splits"]
+    print(f"train: {sp['train']['tokens']:,} tokens in {sp['train']['documents']:,} documents; "
+          f"val: {sp['val']['tokens']:,} tokens in {sp['val']['documents']:,} documents; "
+          f"skipped empty: {meta['skipped_empty']}, invalid UTF-8 repaired: {meta['invalid_utf8_docs']}; "
+          f"{meta['tokens_per_second']:,} tokens/s")
+    print(args.out)
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="a file name in configs/ without .yaml, e.g. tiny, llama-150m")
     p.add_argument("--config", help="a YAML config file")
@@ -81,6 +94,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("prepare", help="tokenize a corpus into DATA_DIR (meta.json, train.bin, val.bin)")
+    p.add_argument("--source", required=True, help="hf:NAME[:SPLIT], a file/dir/glob (txt, jsonl, json, parquet, csv; "
+                   ".gz/.zst/.xz), or sample")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default="mistral")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (by text hash)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (0 = in-process)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--force", action="store_true", help="replace DATA_DIR prepared with other settings")
+    p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("export", help="copy a model folder, or convert it to stock transformers Llama")
     p.add_argument("--model", required=True, help="a llamaforge or llama folder")

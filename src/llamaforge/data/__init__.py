@@ -1,0 +1,1 @@
+"""Data: sources, prepare (tokenize to token files), loader (training windows)."""

@@ -1,0 +1,76 @@
+"""Training windows from a memory-mapped token file.
+
+The train stream is cut into non-overlapping windows of seq_len + 1 tokens (inputs and shifted
+targets share the boundary token). Windows are visited in a per-epoch permutation drawn from
+(seed, epoch), each exactly once per epoch. A global counter orders all windows of all epochs;
+step s takes `seqs_per_step` consecutive entries of that order and rank r its r-th slice of them,
+so ranks never overlap or leave gaps, and the counter alone is the loader's state: a resumed run
+continues with exactly the next batch. The file is a read-only memmap, so processes share pages.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UserError
+
+
+class TokenWindows:
+    def __init__(self, tokens: np.ndarray, seq_len: int, seqs_per_step: int, rank: int = 0, world: int = 1,
+                 seed: int = 0):
+        if seqs_per_step % world:
+            raise UserError(f"{seqs_per_step} sequences per step do not split over {world} ranks; "
+                            "make batch_tokens / seq_len a multiple of the number of processes")
+        self.tokens, self.seq_len, self.seed = tokens, seq_len, seed
+        self.seqs_per_step, self.rank, self.local = seqs_per_step, rank, seqs_per_step // world
+        self.n_windows = (len(tokens) - 1) // seq_len
+        if self.n_windows < seqs_per_step:
+            raise UserError(f"the train split has {len(tokens):,} tokens, fewer than one step "
+                            f"({seqs_per_step} x {seq_len + 1}); use more data or a smaller batch_tokens")
+        self.consumed = 0  # windows taken by all ranks so far
+        self._epoch, self._perm = -1, None
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+        return self._perm
+
+    def window_ids(self, first: int, count: int) -> np.ndarray:
+        """Window indices at global positions first .. first + count - 1 (crossing epochs as needed)."""
+        out = np.empty(count, dtype=np.int64)
+        for i, g in enumerate(range(first, first + count)):
+            epoch, pos = divmod(g, self.n_windows)
+            out[i] = self._order(epoch)[pos]
+        return out
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / self.n_windows
+
+    def next_batch(self) -> np.ndarray:
+        """This rank's (seqs_per_step / world, seq_len + 1) int64 windows for the next step."""
+        ids = self.window_ids(self.consumed + self.rank * self.local, self.local)
+        self.consumed += self.seqs_per_step
+        T = self.seq_len
+        return np.stack([self.tokens[i * T : i * T + T + 1] for i in ids]).astype(np.int64)
+
+    def state_dict(self) -> dict:
+        return {"consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows,
+                "seqs_per_step": self.seqs_per_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        mine = self.state_dict()
+        for key in ("seed", "seq_len", "n_windows", "seqs_per_step"):
+            if state[key] != mine[key]:
+                raise UserError(f"checkpoint was made with loader {key}={state[key]}, now {mine[key]}; "
+                                "resume with the same data and batch settings or start a new run")
+        self.consumed = int(state["consumed"])
+
+
+def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch: int):
+    """Consecutive (b, seq_len + 1) windows from the start of `tokens`, up to `max_tokens` targets."""
+    n = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
+    for s in range(0, n, batch):
+        ids = range(s, min(n, s + batch))
+        yield np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in ids]).astype(np.int64)
