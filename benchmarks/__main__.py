@@ -121,6 +121,70 @@ def train_step(args) -> dict:
     )
 
 
+def _child_run(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB, largest single process among the command and its workers)."""
+    import resource
+    import subprocess
+
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
+
+
+@benchmark
+def prepare(args) -> dict:
+    """`llamaforge prepare` vs datasets.Dataset.map(batched=True) with the same tokenizer, on the sample
+    corpus (2 processes each); then peak RSS of prepare on a corpus 10x the sample corpus."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    import datasets
+
+    from llamaforge.data.sources import sample_corpus
+    from llamaforge.tokenizer import load_tokenizer
+
+    src = sample_corpus()
+    work = Path(tempfile.mkdtemp(prefix="bench-prepare-"))
+    tok = load_tokenizer("mistral")
+    n_tokens = 0
+    try:
+        def ours():
+            nonlocal n_tokens
+            from llamaforge.data.prepare import prepare as run
+
+            shutil.rmtree(work / "ours", ignore_errors=True)
+            meta = run(str(src), work / "ours", workers=2, progress=False)
+            n_tokens = meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"]
+
+        def baseline():
+            datasets.disable_caching()
+            ds = datasets.Dataset.from_json(str(src), cache_dir=str(work / "hf-cache"))
+            ds.map(lambda b: {"ids": tok(b["text"])["input_ids"]}, batched=True, num_proc=2,
+                   remove_columns=ds.column_names)
+            shutil.rmtree(work / "hf-cache", ignore_errors=True)
+
+        datasets.utils.logging.disable_progress_bar()
+        t = interleaved({"ours": ours, "baseline": baseline}, warmup=0, reps=max(1, args.reps // 2))
+        big = work / "big.jsonl"
+        with open(big, "wb") as f:
+            for _ in range(10):
+                f.write(src.read_bytes())
+        wall, rss = _child_run([sys.executable, "-m", "llamaforge", "prepare", "--source", str(big), "--out",
+                                str(work / "big"), "--workers", "2"])
+        big_tokens = json.loads((work / "big" / "meta.json").read_text())["splits"]
+        big_tokens = big_tokens["train"]["tokens"] + big_tokens["val"]["tokens"]
+        return report("prepare", n_tokens / t["ours"], n_tokens / t["baseline"],
+                      "datasets.Dataset.from_json + map(batched=True, num_proc=2)", "tokens/s",
+                      {"corpus_10x_tokens": big_tokens, "corpus_10x_wall_s": round(wall, 1),
+                       "corpus_10x_tokens_per_s_end_to_end": round(big_tokens / wall),
+                       "corpus_10x_peak_rss_gb": round(rss, 2), "cpus": os.cpu_count()})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help=f"default: all of {', '.join(REGISTRY)}")
