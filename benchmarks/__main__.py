@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from llamaforge.train.metrics import device_name
+
 REGISTRY = {}
 
 
@@ -51,21 +53,11 @@ def interleaved(fns: dict, warmup: int, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def report(name: str, ours: float, base: float, base_name: str, unit: str, extra: dict | None = None) -> dict:
     """Print and return one result; ours and base are rates (higher is better)."""
     row = {"benchmark": name, "ours": round(ours, 2), "baseline": base_name, "baseline_value": round(base, 2),
            "unit": unit, "ratio": round(ours / base, 3), "threads": torch.get_num_threads(),
-           "machine": cpu_name(), "torch": torch.__version__}
+           "machine": device_name(torch.device("cpu")), "torch": torch.__version__}
     row.update(extra or {})
     print(f"{name}: ours {ours:,.1f} {unit} | {base_name} {base:,.1f} {unit} | ratio {ours / base:.3f}x")
     return row

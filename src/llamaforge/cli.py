@@ -20,28 +20,45 @@ def _fmt(n: int) -> str:
 
 def cmd_init(args) -> None:
     from .config import load_config
+    from .card import model_records
     from .models import build_model, count_parameters, save_model
     from .tokenizer import load_tokenizer
 
     cfg = load_config(args.preset, args.config, args.overrides)
     tok = load_tokenizer(args.tokenizer or cfg.tokenizer)
     model = build_model(cfg.model, tok, seed=args.seed)
-    save_model(model, tok, args.out)
+    save_model(model, tok, args.out, model_records(model, args.tokenizer or cfg.tokenizer))
     n = count_parameters(model)
     print(f"parameters: total {_fmt(n['total'])}, non-embedding {_fmt(n['non_embedding'])}")
     print(args.out)
 
 
 def cmd_export(args) -> None:
+    from .card import model_records, read_records
+    from .models import load_any
+
+    model, tok_dir = load_any(args.model)
+    evals = [_read_json(e) for e in args.eval or []]
+    previous = read_records(tok_dir) or {}
+    records = model_records(model, previous.get("tokenizer", "see tokenizer files"), evals=evals, previous=previous)
+    export(model, str(tok_dir), args.out, args.format, records)
+    print(args.out)
+
+
+def _read_json(path: str) -> dict:
+    import json
+
+    if not Path(path).is_file():
+        raise UserError(f"{path} does not exist; pass a results file from `llamaforge eval --out`")
+    return json.loads(Path(path).read_text())
+
+
+def export(model, tokenizer_dir: str, out: str, fmt: str, records: dict) -> None:
     from .convert import to_llama
-    from .models import load_model, save_model
+    from .models import save_model
     from .tokenizer import load_tokenizer
 
-    model = load_model(args.model)
-    tok = load_tokenizer(args.model)
-    out = to_llama(model) if args.format == "llama" else model
-    save_model(out, tok, args.out)
-    print(args.out)
+    save_model(to_llama(model) if fmt == "llama" else model, load_tokenizer(tokenizer_dir), out, records)
 
 
 def cmd_generate(args) -> None:
@@ -53,6 +70,11 @@ def cmd_generate(args) -> None:
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT (repeatable) or lines on stdin")
     model, tok = load_model(args.model), load_tokenizer(args.model)
+    if args.chat:
+        if not tok.chat_template:
+            raise UserError(f"{args.model} has no chat template; fine-tune it with `llamaforge sft` or drop --chat")
+        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   .removeprefix(tok.bos_token) for p in prompts]
     stream = len(prompts) == 1
     if stream:
         print(prompts[0], end="", flush=True)
@@ -76,6 +98,85 @@ def cmd_prepare(args) -> None:
           f"skipped empty: {meta['skipped_empty']}, invalid UTF-8 repaired: {meta['invalid_utf8_docs']}; "
           f"{meta['tokens_per_second']:,} tokens/s")
     print(args.out)
+
+
+TRAIN_FLAGS = {"max_steps": int, "save_every": int, "eval_every": int, "seed": int, "lr": float, "batch_tokens": int}
+
+
+def _train_overrides(args) -> list[str]:
+    """Plain flags (--max-steps ...) become train.* overrides, after --key value ones."""
+    extra = [f"train.{k}={getattr(args, k)}" for k in TRAIN_FLAGS if getattr(args, k) is not None]
+    return list(args.overrides) + extra
+
+
+def cmd_train(args) -> None:
+    from .config import load_config
+    from .train.loop import pretrain
+
+    cfg = load_config(args.preset, args.config, _train_overrides(args))
+    final = pretrain(cfg, args.data, args.out, resume=args.resume)
+    print(final)
+
+
+def cmd_extend(args) -> None:
+    from .config import load_config
+    from .extend import extend
+
+    cfg = load_config(args.preset, args.config, _train_overrides(args))
+    final = extend(cfg, args.model, args.data, args.out, args.seq_len, args.factor, resume=args.resume)
+    print(Path(args.out) / "positions.json")
+    print(final)
+
+
+def cmd_eval(args) -> None:
+    from .eval.run import evaluate, format_table
+
+    split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
+    result = evaluate(args.model, args.data, args.text, split(args.tasks), args.limit, split(args.subjects) or None,
+                      args.include_path, args.irt_params, args.batch_size, args.out, args.log_samples,
+                      args.max_tokens)
+    print(format_table(result))
+    if args.out:
+        print(args.out)
+
+
+def cmd_report(args) -> None:
+    from .report import make_report
+
+    print(make_report(args.run, args.eval or [], args.out))
+
+
+def cmd_sft(args) -> None:
+    from .config import load_config
+    from .sft import sft
+
+    cfg = load_config(args.preset or "tiny-sft", args.config if not args.preset else None, _train_overrides(args))
+    final, stats = sft(cfg, args.model, args.data, args.out, strict=args.strict, val_fraction=args.val_fraction,
+                       resume=args.resume)
+    skipped = ", ".join(f"{v} {k}" for k, v in stats.skipped.items()) or "none"
+    print(f"conversations: {stats.read} read, {stats.kept} used; skipped: {skipped}")
+    print(final)
+
+
+def cmd_demo(args) -> None:
+    from .demo import demo
+
+    report = demo(args.out, quick=args.quick)
+    print(report)
+
+
+def cmd_push(args) -> None:
+    from .push import push
+
+    url = push(args.model, args.repo, private=args.private, revision=args.revision, fmt=args.format)
+    print(url)
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    for name, kind in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: resume when RUN_DIR holds a checkpoint")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -106,9 +207,75 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace DATA_DIR prepared with other settings")
     p.set_defaults(func=cmd_prepare)
 
+    p = sub.add_parser("train", help="pretrain a model on prepared data")
+    p.add_argument("--data", required=True, help="a folder written by prepare")
+    p.add_argument("--out", required=True, help="the run directory")
+    p.add_argument("--preset", help="configs/NAME.yaml")
+    p.add_argument("--config", help="a YAML config file")
+    _train_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("extend", help="extend the context with Position Interpolation and fine-tune")
+    p.add_argument("--model", required=True, help="a model folder, run directory or checkpoint")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seq-len", type=int, required=True, help="the new context length")
+    p.add_argument("--factor", type=float, help="interpolation factor (default: new length / trained length)")
+    p.add_argument("--preset", help="training settings, e.g. tiny-extend, llama-150m-extend-1024")
+    p.add_argument("--config")
+    _train_args(p)
+    p.set_defaults(func=cmd_extend)
+
+    p = sub.add_parser("eval", help="perplexity, bits per byte and lm-evaluation-harness tasks")
+    p.add_argument("--model", required=True, help="a model folder, run directory or checkpoint")
+    p.add_argument("--data", help="prepared data: perplexity and bits per byte on its validation split")
+    p.add_argument("--text", help="a text file: perplexity and bits per byte on it")
+    p.add_argument("--max-tokens", type=int, help="evaluate at most this many validation tokens")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks, e.g. mmlu_offline_100, mmlu_offline, tinyMMLU")
+    p.add_argument("--limit", type=int, help="at most this many questions per task")
+    p.add_argument("--subjects", help="comma-separated MMLU subjects for mmlu_offline")
+    p.add_argument("--include-path", help="a folder of your own lm-eval task YAML files")
+    p.add_argument("--irt-params", help="tinyBenchmarks.pkl, for tinyMMLU's IRT estimate")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--log-samples", metavar="DIR", help="write lm-eval's per-sample records into DIR")
+    p.add_argument("--out", help="results JSON file")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="report.md + report.html with plots, from runs and eval results")
+    p.add_argument("--run", action="append", required=True, help="a run directory (repeatable)")
+    p.add_argument("--eval", action="append", help="a results JSON from `llamaforge eval --out` (repeatable)")
+    p.add_argument("--out", required=True, help="the report folder")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("sft", help="supervised fine-tuning on conversations (loss on assistant tokens only)")
+    p.add_argument("--model", required=True, help="a model folder, run directory or checkpoint")
+    p.add_argument("--data", required=True, help="JSONL of {prompt, response} or {messages}, or hf:NAME")
+    p.add_argument("--out", required=True)
+    p.add_argument("--preset", help="training settings (default tiny-sft)")
+    p.add_argument("--config")
+    p.add_argument("--strict", action="store_true", help="refuse bad lines instead of skipping and counting them")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    _train_args(p)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("demo", help="the whole job on the sample corpus, on a CPU, printing each step")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="seconds instead of minutes: a micro model, no MMLU")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("push", help="upload a model folder to the Hugging Face Hub")
+    p.add_argument("--model", required=True, help="a model folder (e.g. RUN_DIR/final)")
+    p.add_argument("--repo", required=True, help="NAMESPACE/NAME on the Hub")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--revision", help="a branch to push to (created if missing)")
+    p.add_argument("--format", choices=["llamaforge", "llama"], default="llamaforge",
+                   help="llama: push the stock LlamaForCausalLM export instead")
+    p.set_defaults(func=cmd_push)
+
     p = sub.add_parser("export", help="copy a model folder, or convert it to stock transformers Llama")
-    p.add_argument("--model", required=True, help="a llamaforge or llama folder")
+    p.add_argument("--model", required=True, help="a llamaforge or llama folder, run directory or checkpoint")
     p.add_argument("--format", choices=["llamaforge", "llama"], default="llama")
+    p.add_argument("--eval", action="append", help="results JSON from `llamaforge eval --out`, for the model card")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)
 
@@ -120,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_generate)
     return parser

@@ -55,8 +55,9 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model, tokenizer: PreTrainedTokenizerBase | None, out: str | Path, extra_files: dict[str, str] | None = None) -> Path:
-    """Write a Hugging Face folder atomically (stock Llama models too: no custom code then)."""
+def save_model(model, tokenizer: PreTrainedTokenizerBase | None, out: str | Path, records: dict | None = None) -> Path:
+    """Write a Hugging Face folder atomically (stock Llama models too: no custom code then), with a
+    model card rendered from `records` (card.model_records) when given."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
@@ -70,8 +71,10 @@ def save_model(model, tokenizer: PreTrainedTokenizerBase | None, out: str | Path
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             _set_tokenizer_flags(tmp / "tokenizer_config.json", tokenizer)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
+        if records is not None:
+            from .card import write_card
+
+            write_card(tmp, records)
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -114,3 +117,28 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     if bad:
         raise UserError(f"{path} does not match its config ({bad}); re-export the folder")
     return model.eval()
+
+
+def load_any(path: str | Path) -> tuple[LlamaForgeForCausalLM, Path]:
+    """A model from a Hugging Face folder, a run directory (its final/ or latest checkpoint) or a
+    checkpoint folder; returns it with the folder holding its tokenizer."""
+    from .train.checkpoint import checkpoints, load_checkpoint
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return load_model(path), path
+    if (path / "final" / "config.json").exists():
+        return load_model(path / "final"), path / "final"
+    if not (path / "state.json").exists():
+        found = checkpoints(path)
+        if not found:
+            raise UserError(f"{path} is not a model folder, run directory or checkpoint; pass one of those")
+        path = found[-1]
+    state = json.loads((path / "state.json").read_text())
+    config = LlamaForgeConfig(**{k: v for k, v in state["model_config"].items() if k not in ("architectures", "auto_map")})
+    model = LlamaForgeForCausalLM(config)
+    try:
+        load_checkpoint(path, model)
+    except ValueError as e:
+        raise UserError(f"{e}; the checkpoint is damaged or from another model") from None
+    return model.eval(), path.parent.parent / "tokenizer"

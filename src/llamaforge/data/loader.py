@@ -15,6 +15,24 @@ import numpy as np
 from ..errors import UserError
 
 
+class EpochOrder:
+    """A global order over `n` items: epoch e visits them in a permutation drawn from (seed, e)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, None
+
+    def ids(self, first: int, count: int) -> np.ndarray:
+        """Items at global positions first .. first + count - 1 (crossing epochs as needed)."""
+        out = np.empty(count, dtype=np.int64)
+        for i, g in enumerate(range(first, first + count)):
+            epoch, pos = divmod(g, self.n)
+            if epoch != self._epoch:
+                self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            out[i] = self._perm[pos]
+        return out
+
+
 class TokenWindows:
     def __init__(self, tokens: np.ndarray, seq_len: int, seqs_per_step: int, rank: int = 0, world: int = 1,
                  seed: int = 0):
@@ -28,21 +46,10 @@ class TokenWindows:
             raise UserError(f"the train split has {len(tokens):,} tokens, fewer than one step "
                             f"({seqs_per_step} x {seq_len + 1}); use more data or a smaller batch_tokens")
         self.consumed = 0  # windows taken by all ranks so far
-        self._epoch, self._perm = -1, None
-
-    def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._epoch:
-            self._epoch = epoch
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-        return self._perm
+        self.order = EpochOrder(self.n_windows, seed)
 
     def window_ids(self, first: int, count: int) -> np.ndarray:
-        """Window indices at global positions first .. first + count - 1 (crossing epochs as needed)."""
-        out = np.empty(count, dtype=np.int64)
-        for i, g in enumerate(range(first, first + count)):
-            epoch, pos = divmod(g, self.n_windows)
-            out[i] = self._order(epoch)[pos]
-        return out
+        return self.order.ids(first, count)
 
     @property
     def epoch(self) -> float:
@@ -74,3 +81,23 @@ def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch: int):
     for s in range(0, n, batch):
         ids = range(s, min(n, s + batch))
         yield np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in ids]).astype(np.int64)
+
+
+class PretrainBatches(TokenWindows):
+    """TokenWindows over DATA_DIR/train.bin, plus validation windows from val.bin."""
+
+    def __init__(self, data_dir, train_cfg, rank: int = 0, world: int = 1):
+        from .prepare import open_split, read_meta
+
+        meta = read_meta(data_dir)
+        super().__init__(open_split(data_dir, "train"), train_cfg.seq_len, train_cfg.batch_tokens // train_cfg.seq_len,
+                         rank, world, train_cfg.seed)
+        self.val = open_split(data_dir, "val")
+        if len(self.val) <= train_cfg.seq_len:
+            self.val = self.tokens[-train_cfg.eval_tokens - 1 :]  # tiny corpora: the tail of train
+        val = meta["splits"]["val"]
+        self.bytes_per_token = val["bytes"] / val["tokens"] if val["tokens"] else None
+        self.eval_tokens, self.eval_batch = train_cfg.eval_tokens, train_cfg.micro_batch
+
+    def eval_batches(self):
+        return eval_windows(self.val, self.seq_len, self.eval_tokens, self.eval_batch)

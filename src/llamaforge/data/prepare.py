@@ -211,3 +211,14 @@ def open_split(data_dir: str | Path, split: str) -> np.memmap:
     if meta["splits"][split]["tokens"] == 0:
         return np.zeros(0, dtype=meta["dtype"])
     return np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+
+
+def unigram_entropy(data_dir: str | Path, split: str = "train") -> float:
+    """Entropy (nats/token) of a split's token frequencies: the loss of the best context-free model,
+    the baseline a language model must beat."""
+    tokens = open_split(data_dir, split)
+    counts = np.zeros(read_meta(data_dir)["vocab_size"], dtype=np.int64)
+    for s in range(0, len(tokens), 1 << 24):  # chunked: bounded memory on big corpora
+        counts += np.bincount(tokens[s : s + (1 << 24)], minlength=len(counts))[: len(counts)]
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .distributed import grad_sync
+
 
 @dataclass
 class StepStats:
@@ -25,12 +27,14 @@ def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=None, all_reduce=None) -> StepStats:
+def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=None, all_reduce=None,
+               world: int = 1) -> StepStats:
     """`micro_batches`: list of (inputs, targets) of shape (b, T); targets -100 are ignored.
 
     `all_reduce(tensor)` sums over data-parallel ranks (None: single process). The summed loss of
     each micro-batch is divided by the step's total target count across ranks, so gradients equal
-    those of one big batch."""
+    those of one big batch. DDP and FSDP *average* gradients over the `world` ranks, so the
+    backward pass scales by `world` to turn that average back into the sum."""
     device = device or next(model.parameters()).device
     n_local = sum(int((y != -100).sum()) for _, y in micro_batches)
     n_total = torch.tensor(float(n_local), device=device)
@@ -38,11 +42,9 @@ def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=N
         all_reduce(n_total)
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
-        last = i == len(micro_batches) - 1
-        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-        with sync, autocast_context(device):
+        with grad_sync(model, enabled=i == len(micro_batches) - 1), autocast_context(device):
             loss = model(input_ids=x.to(device), shift_labels=y.to(device), num_items_in_batch=n_total).loss
-            loss.backward()
+            (loss * world if world > 1 else loss).backward()
         loss_sum += loss.detach()
     if all_reduce is not None:
         all_reduce(loss_sum)

@@ -1,0 +1,52 @@
+"""`llamaforge demo`: the whole job, offline, on a CPU — data -> training -> long context ->
+evaluation -> generation -> report — as the chain of ordinary subcommands, each printed before it
+runs so any step can be rerun by hand. The last line printed is the report's path.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from .errors import UserError
+
+PROMPTS = ["The history of the city", "Scientists have discovered", "The president said"]
+
+
+def steps(out: Path, quick: bool) -> list[list[str]]:
+    data, pre, ext = out / "data", out / "pretrain", out / "extend"
+    if quick:  # seconds: a micro model, a few steps, no MMLU download
+        model = ["--model.hidden_size", "32", "--model.intermediate_size", "64", "--model.num_hidden_layers", "1",
+                 "--model.num_attention_heads", "2", "--model.num_key_value_heads", "1"]
+        train = ["--max-steps", "4", "--eval-every", "2", "--batch-tokens", "2048", "--train.micro_batch", "8",
+                 "--train.eval_tokens", "2048"]
+        extend = ["--max-steps", "2", "--eval-every", "2", "--batch-tokens", "2048", "--train.eval_tokens", "2048"]
+        tasks: list[str] = []
+    else:
+        model, train, extend = [], ["--max-steps", "230"], []
+        tasks = ["--tasks", "mmlu_offline_100"]
+    return [
+        ["prepare", "--source", "sample", "--out", str(data)],
+        ["train", "--data", str(data), "--out", str(pre), "--preset", "tiny", *model, *train],
+        ["extend", "--model", str(pre), "--data", str(data), "--out", str(ext), "--seq-len", "1024",
+         "--preset", "tiny-extend", *extend],
+        ["eval", "--model", str(ext), "--data", str(data), *tasks, "--out", str(out / "eval.json"),
+         *(["--max-tokens", "4096"] if quick else [])],
+        ["generate", "--model", str(ext / "final"), "--max-new-tokens", "8" if quick else "40", "--seed", "0",
+         *sum((["--prompt", p] for p in PROMPTS), [])],
+        ["report", "--run", str(pre), "--run", str(ext), "--eval", str(out / "eval.json"), "--out", str(out / "report")],
+    ]
+
+
+def demo(out: str | Path = "runs/demo", quick: bool = False) -> Path:
+    from .cli import main
+
+    out = Path(out)
+    for argv in steps(out, quick):
+        print(f"\n$ llamaforge {shlex.join(argv)}", flush=True)
+        code = main(argv)
+        if code != 0:
+            raise UserError(f"step `llamaforge {argv[0]}` failed (exit {code}); fix it and rerun the printed command")
+        sys.stdout.flush()
+    return out / "report" / "report.md"

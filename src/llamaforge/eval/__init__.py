@@ -1,0 +1,1 @@
+"""Evaluation: perplexity and bits per byte, lm-evaluation-harness tasks, the offline MMLU task."""

@@ -1,0 +1,65 @@
+"""`llamaforge eval`: perplexity / bits per byte and lm-eval tasks into one results.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..cache import atomic_write_bytes
+from ..errors import UserError
+
+
+def evaluate(model_path: str, data_dir: str | None = None, text: str | None = None, tasks: list[str] = (),
+             limit: int | None = None, subjects: list[str] | None = None, include_path: str | None = None,
+             irt_params: str | None = None, batch_size: int = 4, out: str | Path | None = None,
+             samples_dir: str | None = None, max_tokens: int | None = None) -> dict:
+    """Evaluate in fp32 (on CPU; CUDA when present) and write `out` (JSON) when given."""
+    from ..models import load_any
+    from ..tokenizer import load_tokenizer
+    from .perplexity import perplexity_on_split, perplexity_on_text
+
+    if not (data_dir or text or tasks):
+        raise UserError("nothing to evaluate: pass --data DIR, --text FILE and/or --tasks NAMES")
+    if irt_params and not Path(irt_params).is_file():
+        raise UserError(f"--irt-params {irt_params} does not exist; pass tinyBenchmarks.pkl or leave it out")
+    model, tok_dir = load_any(model_path)
+    model = model.float().to("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(str(tok_dir))
+    result: dict = {"model": str(model_path), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": "float32",
+                    "context": model.config.max_position_embeddings, "perplexity": {}, "tasks": {}}
+    if data_dir:
+        result["perplexity"]["val"] = perplexity_on_split(model, data_dir, "val", max_tokens)
+    if text:
+        result["perplexity"]["text"] = perplexity_on_text(model, tokenizer, text)
+    if tasks:
+        from .harness import run_tasks
+
+        include = include_path
+        if any(t.startswith("mmlu_offline") for t in tasks):
+            from .mmlu import mmlu_task_dir
+
+            include = str(mmlu_task_dir(subjects))
+            if include_path:
+                raise UserError("--include-path cannot be combined with the mmlu_offline tasks; run them separately")
+        result["tasks"] = run_tasks(model, tokenizer, list(tasks), include, limit, batch_size, irt_params,
+                                    log_samples=samples_dir is not None, output_dir=samples_dir)
+        result["settings"] = {"limit": limit, "subjects": subjects, "batch_size": batch_size}
+    if out:
+        atomic_write_bytes(Path(out), (json.dumps(result, indent=2) + "\n").encode())
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [f"model: {result['model']} (context {result['context']}, {result['dtype']})"]
+    for name, p in result["perplexity"].items():
+        bpb = f", bits/byte {p['bits_per_byte']:.4f}" if "bits_per_byte" in p else ""
+        lines.append(f"  {name:<20} loss {p['loss']:.4f}, perplexity {p['perplexity']:.2f}{bpb} ({p['tokens']:,} tokens)")
+    for task, t in result["tasks"].items():
+        lo, hi = t["ci95"]
+        irt = f", IRT estimate {t['irt_estimate']:.4f}" if "irt_estimate" in t else ""
+        lines.append(f"  {task:<20} {t['metric']} {t['value']:.4f} (95% CI {lo:.3f}-{hi:.3f}, n={t['n']}; "
+                     f"{t['kind']}){irt}")
+    return "\n".join(lines)

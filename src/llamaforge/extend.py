@@ -1,0 +1,128 @@
+"""Long context by linear Position Interpolation (Chen et al. 2023, arXiv 2306.15595).
+
+A model trained at L positions is run at L' > L by dividing every position by factor = L' / L, so
+RoPE sees only angles it was trained on; a short fine-tune at L' then adapts it. The factor is
+stored where transformers' Llama keeps it (`rope_parameters` / `rope_scaling`, type "linear"), so
+the llamaforge folder and the stock Llama export use the same positions.
+
+`extend` also measures the evidence: validation loss by position bucket at the new length for
+(a) the original model extrapolating, (b) interpolation without fine-tuning, (c) after it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import RunConfig
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def current_factor(config) -> float:
+    return float(config.rope_factor)
+
+
+def interpolate(model, seq_len: int, factor: float | None = None):
+    """A copy of `model` reading `seq_len` positions with linear interpolation (same weights)."""
+    config = model.config
+    if getattr(config, "model_type", None) != "llamaforge":
+        raise UserError(f"model type {config.model_type!r} has no rotary embeddings to interpolate; "
+                        "extend works on llamaforge (LLaMA) models")
+    old = config.max_position_embeddings
+    if seq_len <= old:
+        raise UserError(f"--seq-len {seq_len} is not larger than the model's {old} positions; pass a longer length")
+    factor = factor if factor is not None else current_factor(config) * seq_len / old
+    if not factor > 0:
+        raise UserError(f"--factor {factor} must be positive")
+    new = copy.deepcopy(model)
+    new.config.max_position_embeddings = seq_len
+    rope = {"rope_type": "linear", "factor": float(factor), "rope_theta": float(config.rope_theta)}
+    if hasattr(new.config, "rope_parameters"):
+        new.config.rope_parameters = rope
+    else:
+        new.config.rope_scaling = rope
+    return new
+
+
+@torch.no_grad()
+def loss_by_position(model, tokens: np.ndarray, seq_len: int, buckets: int = 4, max_windows: int = 64,
+                     batch: int = 4) -> list[float]:
+    """Mean next-token loss in each of `buckets` equal position ranges of `seq_len`-token windows."""
+    model.eval()
+    n = min(max_windows, (len(tokens) - 1) // seq_len)
+    if n == 0:
+        raise UserError(f"validation split has fewer than {seq_len + 1} tokens; prepare more validation data")
+    sums = torch.zeros(seq_len, dtype=torch.float64)
+    for s in range(0, n, batch):
+        rows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(s, min(n, s + batch))])
+        t = torch.from_numpy(rows.astype(np.int64))
+        logits = model(input_ids=t[:, :-1]).logits.float()
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), t[:, 1:], reduction="none")  # (b, T)
+        sums += loss.sum(0).double()
+    per_pos = sums / n
+    return [float(c.mean()) for c in per_pos.chunk(buckets)]
+
+
+def position_report(base, tuned, tokens: np.ndarray, seq_len: int, factor: float, buckets: int = 4) -> dict:
+    """The three curves of the evidence, and the gap of the fine-tuned one beyond the trained length."""
+    trained = base.config.max_position_embeddings
+    extrapolate = copy.deepcopy(base)
+    extrapolate.config.max_position_embeddings = seq_len  # same rope, positions beyond training
+    curves = {
+        "extrapolation (no PI, no fine-tune)": loss_by_position(extrapolate, tokens, seq_len, buckets),
+        "interpolation, no fine-tune": loss_by_position(interpolate(base, seq_len, factor), tokens, seq_len, buckets),
+        "interpolation + fine-tune": loss_by_position(tuned, tokens, seq_len, buckets),
+    }
+    edges = [round(seq_len * i / buckets) for i in range(buckets + 1)]
+    labels = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])]
+    beyond = [i for i, a in enumerate(edges[:-1]) if a >= trained]
+    best_other = {k: float(np.mean([v[i] for i in beyond])) for k, v in curves.items()} if beyond else {}
+    tuned_key = "interpolation + fine-tune"
+    gap = None
+    if best_other:
+        others = min(v for k, v in best_other.items() if k != tuned_key)
+        gap = others - best_other[tuned_key]
+    return {"seq_len": seq_len, "trained_len": trained, "factor": factor, "buckets": labels, "loss": curves,
+            "mean_loss_beyond_trained": best_other, "gap_beyond_trained": gap}
+
+
+def extend(cfg: RunConfig, model_path: str, data_dir: str | Path, run_dir: str | Path, seq_len: int,
+           factor: float | None = None, resume: bool | None = None, progress: bool = True) -> Path:
+    """`llamaforge extend`: interpolate, fine-tune at `seq_len` with the training loop, measure."""
+    from .data.loader import PretrainBatches
+    from .data.prepare import open_split
+    from .models import load_any
+    from .tokenizer import load_tokenizer
+    from .train.loop import train
+
+    cfg_file = Path(model_path) / "config.json"
+    if cfg_file.exists():
+        kind = json.loads(cfg_file.read_text()).get("model_type")
+        if kind not in ("llamaforge", "llama"):
+            raise UserError(f"{model_path} holds a {kind!r} model, which has no rotary embeddings to interpolate; "
+                            "extend works on llamaforge and llama models")
+    base, tok_dir = load_any(model_path)
+    model = interpolate(base, seq_len, factor)
+    factor = current_factor(model.config)
+    tokenizer = load_tokenizer(str(tok_dir))
+    cfg.train.seq_len = seq_len
+    from .card import read_records
+    from .data.prepare import read_meta
+
+    meta = read_meta(data_dir)
+    records = {"previous_card": read_records(tok_dir) or {}, "tokenizer": meta["tokenizer"],
+               "data": {"source": meta["source"], "dir": str(data_dir), "train_tokens": meta["splits"]["train"]["tokens"]},
+               "extend": {"from": str(model_path), "trained_len": base.config.max_position_embeddings,
+                          "seq_len": seq_len, "factor": factor}}
+    final = train(cfg, model, tokenizer, lambda r, w: PretrainBatches(data_dir, cfg.train, r, w), run_dir, resume,
+                  progress, records)
+    report = position_report(base, model.cpu().eval(), open_split(data_dir, "val"), seq_len, factor)
+    (Path(run_dir) / "positions.json").write_text(json.dumps(report, indent=2) + "\n")
+    return final

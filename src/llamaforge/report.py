@@ -1,0 +1,187 @@
+"""`llamaforge report`: report.md + report.html with PNG plots, from a run's own records.
+
+Reads RUN_DIR/metrics.jsonl, config.yaml, final/config.json (parameter counts), positions.json
+(the long-context evidence, when the run is an extension) and any eval result JSON files. Several
+runs (e.g. pretraining and its extension) can be given; their curves share the plots.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .cache import atomic_write_bytes  # noqa: E402
+from .errors import UserError  # noqa: E402
+from .train.metrics import read_metrics  # noqa: E402
+
+
+def _series(records: list[dict], kind: str, key: str, x: str = "tokens_seen") -> tuple[list, list]:
+    """(x, y) of `key` in records of `kind`; eval records take tokens_seen from the train record of their step."""
+    seen = {r["step"]: r.get("tokens_seen", 0) for r in records if r["type"] == "train"}
+    xs, ys = [], []
+    for r in records:
+        if r["type"] == kind and key in r:
+            xs.append(r.get(x, seen.get(r["step"], 0)) if x == "tokens_seen" else r[x])
+            ys.append(r[key])
+    return xs, ys
+
+
+def _plot(path: Path, title: str, ylabel: str, curves: list[tuple[str, list, list, str]], xlabel: str = "tokens seen",
+          logy: bool = False) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for label, xs, ys, style in curves:
+        if xs:
+            ax.plot(xs, ys, style, label=label, markersize=4, linewidth=1.2)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if logy:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if any(c[1] for c in curves):
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _positions_plot(path: Path, pos: dict) -> Path:
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for (label, ys), marker in zip(pos["loss"].items(), "osD"):
+        ax.plot(pos["buckets"], ys, marker=marker, label=label)
+    ax.axvline(x=pos["trained_len"] / pos["seq_len"] * len(pos["buckets"]) - 0.5, color="grey", linestyle=":",
+               label=f"trained length {pos['trained_len']}")
+    ax.set_title(f"Validation loss by position at {pos['seq_len']} context (PI factor {pos['factor']:g})")
+    ax.set_xlabel("position bucket")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def _param_counts(run: Path) -> dict | None:
+    cfg_path = run / "final" / "config.json"
+    if not cfg_path.exists():
+        return None
+    cfg = json.loads(cfg_path.read_text())
+    d, f, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"])
+    body = L * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + d
+    emb = V * d * (1 if cfg.get("tie_word_embeddings") else 2)
+    return {"non_embedding": body, "total": body + emb}
+
+
+def run_summary(run: Path) -> dict:
+    """Final numbers of a run, from its records (also used by the model card)."""
+    records = read_metrics(run)
+    train = [r for r in records if r["type"] == "train"]
+    evals = [r for r in records if r["type"] == "eval"]
+    out = {"steps": train[-1]["step"] if train else 0, "tokens_seen": train[-1]["tokens_seen"] if train else 0}
+    if train:
+        tail = train[-min(10, len(train)) :]
+        out["train_loss"] = sum(r["loss"] for r in tail) / len(tail)  # last 10 steps: less noise
+        out["wall_s"] = train[-1]["time"] - train[0]["time"] + train[0]["step_s"]
+        out["tokens_per_s"] = sum(r["tokens_per_s"] for r in tail) / len(tail)
+    if evals:
+        out.update(val_loss=evals[-1]["val_loss"], val_bpb=evals[-1].get("val_bpb"))
+    samples = [r for r in records if r["type"] == "sample"]
+    out["samples"] = [(r["step"], r["prompt"], r["text"]) for r in samples[-3:]]
+    out["params"] = _param_counts(run)
+    return out
+
+
+def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str | Path = "report") -> Path:
+    runs = [Path(r) for r in runs]
+    for r in runs:
+        if not (r / "metrics.jsonl").exists():
+            raise UserError(f"{r} is not a run directory (no metrics.jsonl); pass the --out of train, extend or sft")
+    results = []
+    for e in evals:
+        if not Path(e).is_file():
+            raise UserError(f"eval result {e} does not exist; pass a file written by `llamaforge eval --out`")
+        results.append((Path(e), json.loads(Path(e).read_text())))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    recs = {r.name: read_metrics(r) for r in runs}
+    figs = []
+
+    def curves(kind, key, style):
+        return [(f"{name} {key}", *_series(rs, kind, key), style) for name, rs in recs.items()]
+
+    figs.append(("Loss", _plot(out / "loss.png", "Training and validation loss", "loss (nats/token)",
+                               curves("train", "loss", "-") + curves("eval", "val_loss", "o-"))))
+    figs.append(("Learning rate", _plot(out / "lr.png", "Learning rate", "lr", curves("train", "lr", "-"))))
+    figs.append(("Gradient norm", _plot(out / "grad_norm.png", "Gradient norm (before clipping)", "norm",
+                                        curves("train", "grad_norm", "-"), logy=True)))
+    figs.append(("Throughput", _plot(out / "tokens_per_s.png", "Throughput", "tokens/s",
+                                     curves("train", "tokens_per_s", "-"))))
+    md = [f"# llamaforge report: {', '.join(r.name for r in runs)}", ""]
+    md += ["## Summary", ""]
+    rows = []
+    for r in runs:
+        s = run_summary(r)
+        p = s["params"] or {}
+        rows.append([r.name, s["steps"], f"{s['tokens_seen']:,}", f"{s.get('train_loss', float('nan')):.4f}",
+                     f"{s.get('val_loss', float('nan')):.4f}", f"{s.get('val_bpb') or float('nan'):.4f}",
+                     f"{s.get('wall_s', 0) / 60:.1f}", f"{p.get('non_embedding', 0) / 1e6:.2f}M / {p.get('total', 0) / 1e6:.2f}M"])
+    md.append(_table(["run", "steps", "tokens", "train loss (last 10 steps)", "val loss", "val bits/byte",
+                      "minutes", "params (non-emb / total)"], rows))
+    for r in runs:
+        pos_path = r / "positions.json"
+        if pos_path.exists():
+            pos = json.loads(pos_path.read_text())
+            figs.append(("Long context", _positions_plot(out / f"positions_{r.name}.png", pos)))
+            md += ["", f"## Long context ({r.name})", "",
+                   f"Validation loss by position at {pos['seq_len']} tokens; trained at {pos['trained_len']}, "
+                   f"Position Interpolation factor {pos['factor']:g}.", ""]
+            md.append(_table(["model"] + pos["buckets"],
+                             [[k] + [f"{v:.3f}" for v in vs] for k, vs in pos["loss"].items()]))
+            if pos.get("gap_beyond_trained") is not None:
+                md += ["", f"Beyond the trained length the fine-tuned model's loss is {pos['gap_beyond_trained']:.3f} "
+                           "nats/token lower than the better of the other two."]
+    if results:
+        md += ["", "## Evaluation", ""]
+        for path, res in results:
+            md += [f"`{path.name}` — model `{res['model']}`, context {res['context']}, {res['dtype']}", ""]
+            rows = [[k, f"{v['loss']:.4f}", f"{v['perplexity']:.2f}", f"{v.get('bits_per_byte', float('nan')):.4f}",
+                     f"{v['tokens']:,}"] for k, v in res.get("perplexity", {}).items()]
+            if rows:
+                md += [_table(["data", "loss", "perplexity", "bits/byte", "tokens"], rows), ""]
+            rows = [[k, v["metric"], f"{v['value']:.4f}", f"{v['ci95'][0]:.3f}-{v['ci95'][1]:.3f}", v["n"], v["kind"]]
+                    for k, v in res.get("tasks", {}).items()]
+            if rows:
+                md += [_table(["task", "metric", "value", "95% CI", "n", "what it is"], rows), ""]
+    md += ["", "## Plots", ""] + [f"### {t}\n\n![{t}]({p.name})\n" for t, p in figs]
+    md += ["## Sample generations", ""]
+    for r in runs:
+        for step, prompt, text in run_summary(r)["samples"]:
+            md.append(f"- {r.name}, step {step}: **{prompt}**{text}")
+    for r in runs:
+        if (r / "config.yaml").exists():
+            md += ["", f"## Configuration ({r.name})", "", "```yaml", (r / "config.yaml").read_text().strip(), "```"]
+    text = "\n".join(md) + "\n"
+    atomic_write_bytes(out / "report.md", text.encode())
+    import markdown
+
+    body = markdown.markdown(text, extensions=["tables", "fenced_code"])
+    html = ("<!doctype html><html><head><meta charset='utf-8'><title>llamaforge report</title><style>"
+            "body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:.2em .5em}img{max-width:100%}pre{background:#f6f6f6;padding:1em}"
+            f"</style></head><body>{body}</body></html>")
+    atomic_write_bytes(out / "report.html", html.encode())
+    return out / "report.md"

@@ -1,0 +1,267 @@
+"""The training loop shared by `train`, `extend` and `sft`.
+
+Every step: one batch of `batch_tokens` tokens (all ranks, all micro-batches) -> train_step ->
+scheduler -> metrics. Every `eval_every` steps: validation loss, bits per byte and a sample from a
+fixed prompt. Every `save_every` steps, on Ctrl-C/SIGTERM and at the end: an atomic checkpoint.
+A run directory holding a checkpoint is resumed from it (exactly: same next batch, same RNG, same
+optimizer and scheduler state). At the end the model is exported to RUN_DIR/final.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..config import RunConfig, save_config
+from ..errors import UserError
+from ..models import save_model
+from . import checkpoint as ckpt
+from .distributed import Dist, setup, teardown, unwrap, wrap
+from .metrics import MetricsLogger, device_name, matmul_peak_flops, peak_memory_gb, train_flops_per_token
+from .optim import build_optimizer, build_scheduler
+from .step import autocast_context, train_step
+
+log = logging.getLogger(__name__)
+
+
+class Batches(Protocol):
+    """What the loop needs from a dataset: (local_seqs, T + 1) token windows, or (inputs, targets)
+    pairs, per step; resumable state; validation batches; bytes per token for bits per byte."""
+
+    def next_batch(self): ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+    def eval_batches(self): ...
+    bytes_per_token: float | None
+
+
+def split_micro(batch, micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(n, T + 1) windows -> [(inputs, targets)] micro-batches; (inputs, targets) pairs are split as is."""
+    if isinstance(batch, tuple):
+        x, y = batch
+    else:
+        t = torch.from_numpy(np.ascontiguousarray(batch))
+        x, y = t[:, :-1], t[:, 1:]
+    return [(x[i : i + micro], y[i : i + micro]) for i in range(0, len(x), micro)]
+
+
+@torch.no_grad()
+def evaluate_loss(model, batches, device: torch.device) -> tuple[float, int]:
+    """Mean loss per target token (nats) and the number of targets."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in batches:
+        for x, y in split_micro(batch, len(batch[0]) if isinstance(batch, tuple) else len(batch)):
+            with autocast_context(device):
+                logits = model(input_ids=x.to(device)).logits
+            y = y.to(device)
+            total += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
+                                                              ignore_index=-100, reduction="sum"))
+            count += int((y != -100).sum())
+    model.train(was_training)
+    return total / max(count, 1), count
+
+
+@torch.no_grad()
+def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tokens: int = 32) -> str:
+    was_training = model.training
+    model.eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    model.train(was_training)
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
+    """Refuse, before any work, a configuration that cannot run."""
+    t = cfg.train
+    if t.seq_len > model_config.max_position_embeddings:
+        raise UserError(f"seq_len {t.seq_len} exceeds the model's max_position_embeddings "
+                        f"{model_config.max_position_embeddings}; lower --train.seq_len or use `llamaforge extend`")
+    per_micro = t.seq_len * t.micro_batch * world
+    if t.batch_tokens % per_micro:
+        raise UserError(f"batch_tokens {t.batch_tokens} is not a multiple of micro_batch x seq_len x processes "
+                        f"= {t.micro_batch} x {t.seq_len} x {world} = {per_micro}; change --batch-tokens or micro_batch")
+    if t.max_steps <= 0 or t.lr <= 0:
+        raise UserError("max_steps and lr must be positive")
+
+
+def _install_sigterm():
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        return None
+
+
+def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path, resume: bool | None = None,
+          progress: bool = True, records: dict | None = None) -> Path:
+    """Train `model` (its weights are replaced by the latest checkpoint when resuming).
+
+    `batches_factory(rank, world)` returns the Batches; `resume`: None = when a checkpoint exists,
+    True = require one, False = refuse a run directory that has one. Returns RUN_DIR/final."""
+    d = setup()
+    try:
+        return _train(cfg, model, tokenizer, batches_factory, Path(run_dir), resume, progress, d, records or {})
+    finally:
+        teardown()
+
+
+def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progress, d: Dist, records: dict) -> Path:
+    t = cfg.train
+    check_runnable(cfg, model.config, d.world)
+    found = ckpt.checkpoints(run_dir)
+    if resume is True and not found:
+        raise UserError(f"--resume: {run_dir} has no checkpoint; drop --resume to start a new run")
+    if resume is False and found:
+        raise UserError(f"{run_dir} already holds checkpoints; resume it (default) or pass another --out")
+    batches = batches_factory(d.rank, d.world)
+    torch.manual_seed(t.seed)
+    device = d.device
+    model.to(device).train()
+    if t.activation_checkpointing:
+        model.model.gradient_checkpointing = True
+    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    step, tokens_seen = 0, 0
+    if d.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(run_dir)
+        save_config(cfg, run_dir / "config.yaml")
+        if not (run_dir / "tokenizer").exists():
+            tokenizer.save_pretrained(run_dir / "tokenizer")  # checkpoints load with it (models.load_any)
+    if found:
+        state = ckpt.load_checkpoint(found[-1], model, optimizer)
+        scheduler.load_state_dict(state["scheduler"])
+        batches.load_state_dict(state["loader"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+    if step == 0 and d.main:
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    metrics = MetricsLogger(run_dir, enabled=d.main, wandb_project=t.wandb_project if t.wandb else None,
+                            config=asdict(cfg), truncate_after_step=step)
+    precision = "bf16 autocast" if autocast_context(device).__class__.__name__ == "autocast" else "fp32"
+    metrics.log("event", step, event="started", device=device_name(device), world=d.world, precision=precision)
+    if found:
+        metrics.log("event", step, event="resumed", checkpoint=found[-1].name)
+    wrapped = wrap(model, d, t.fsdp)
+    run_model = torch.compile(wrapped) if t.compile else wrapped
+    eval_model = unwrap(wrapped)
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    peak = matmul_peak_flops(device, dtype)
+    flops_per_token = train_flops_per_token(model.config, t.seq_len)
+
+    def state() -> dict:
+        return {"scheduler": scheduler.state_dict(), "loader": batches.state_dict(), "tokens_seen": tokens_seen,
+                "model_config": model.config.to_dict(), "records": records}
+
+    def save(tag: str) -> None:
+        if not d.main:
+            return
+        try:
+            path = ckpt.save_checkpoint(run_dir, step, model, optimizer, state(), keep=t.keep_last)
+            metrics.log("event", step, event="checkpoint", path=str(path.relative_to(run_dir)), reason=tag)
+        except OSError as e:
+            log.error("checkpoint at step %d failed (%s); the previous checkpoint is intact", step, e)
+            metrics.log("event", step, event="checkpoint_failed", error=str(e))
+
+    def evaluate() -> None:
+        loss, n = evaluate_loss(eval_model, batches.eval_batches(), device)
+        values = {"val_loss": loss, "val_tokens": n}
+        if batches.bytes_per_token:
+            values["val_bpb"] = loss / math.log(2) / batches.bytes_per_token
+        metrics.log("eval", step, **values)
+        if t.sample_prompt:
+            metrics.log("sample", step, prompt=t.sample_prompt, text=sample_text(eval_model, tokenizer, t.sample_prompt, device))
+
+    old_handler = _install_sigterm()
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=None if progress and d.main else True)
+    bad_streak, interrupted = 0, False
+    try:
+        while step < t.max_steps:
+            micro = split_micro(batches.next_batch(), t.micro_batch)
+            start = time.perf_counter()
+            stats = train_step(run_model, optimizer, micro, t.grad_clip, device, d.all_reduce if d.world > 1 else None,
+                               d.world)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            step += 1
+            seconds = time.perf_counter() - start
+            if stats.skipped:
+                bad_streak += 1
+                log.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", step, bad_streak)
+                metrics.log("event", step, event="skipped_step", loss=stats.loss, grad_norm=stats.grad_norm)
+                if bad_streak >= t.max_bad_steps:
+                    raise UserError(f"loss or gradient was not finite for {bad_streak} steps in a row (step {step}); "
+                                    "lower --lr, raise warmup_steps or check the data")
+                continue
+            bad_streak = 0
+            tokens_seen += stats.tokens
+            tps = stats.tokens / seconds
+            metrics.log("train", step, loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, tokens=stats.tokens,
+                        tokens_seen=tokens_seen, tokens_per_s=tps, step_s=seconds,
+                        mfu=flops_per_token * tps / d.world / peak, peak_mem_gb=peak_memory_gb(device))
+            bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.update()
+            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
+                evaluate()
+            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+                save("interval")
+    except KeyboardInterrupt:
+        interrupted = True
+        log.warning("interrupted at step %d: saving a checkpoint", step)
+    finally:
+        bar.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+    save("interrupt" if interrupted else "end")
+    final = run_dir / "final"
+    if not interrupted and d.main:
+        from ..card import model_records
+
+        previous = records.get("previous_card") or {}
+        rec = model_records(model, records.get("tokenizer", previous.get("tokenizer", "see tokenizer files")),
+                            run_dir, previous=previous)
+        save_model(model, tokenizer, final, rec)
+        metrics.log("event", step, event="exported", path="final")
+    metrics.close()
+    d.barrier()
+    if interrupted:
+        log.warning("checkpoint saved at step %d; run the same command again to resume", step)
+        raise KeyboardInterrupt
+    return final
+
+
+def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume: bool | None = None,
+             progress: bool = True) -> Path:
+    """`llamaforge train`: a fresh model of `cfg.model` on prepared data (or the run's checkpoint)."""
+    from ..data.loader import PretrainBatches
+    from ..data.prepare import read_meta
+    from ..models import build_model
+    from ..tokenizer import load_tokenizer
+
+    meta = read_meta(data_dir)
+    tokenizer = load_tokenizer(str(Path(data_dir) / "tokenizer"))
+    if meta["vocab_size"] > cfg.model.vocab_size:
+        raise UserError(f"the data's tokenizer has {meta['vocab_size']} tokens, the model {cfg.model.vocab_size}; "
+                        "set --model.vocab_size")
+    model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
+
+    def factory(rank: int, world: int):
+        return PretrainBatches(data_dir, cfg.train, rank, world)
+
+    records = {"data": {"source": meta["source"], "dir": str(data_dir), "train_tokens": meta["splits"]["train"]["tokens"]},
+               "tokenizer": meta["tokenizer"]}
+    return train(cfg, model, tokenizer, factory, run_dir, resume, progress, records)

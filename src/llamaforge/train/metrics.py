@@ -1,0 +1,124 @@
+"""Metrics: always RUN_DIR/metrics.jsonl; TensorBoard when installed; wandb when asked (offline works).
+
+One JSON object per line, with `type` = "train" (every step), "eval" (every eval interval),
+"sample" (a generation from the fixed prompt) or "event" (resume, skipped step, checkpoint...).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def device_name(device: torch.device) -> str:
+    """GPU name, or the CPU's model name from /proc/cpuinfo."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KB
+
+
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
+    """Measured matmul FLOP/s on this device in the training dtype: the denominator of MFU."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for i in range(6):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def train_flops_per_token(config, seq_len: int) -> float:
+    """6 x matmul parameters (no input embedding) + causal attention (6 L T d)."""
+    d, L = config.hidden_size, config.num_hidden_layers
+    kv = config.num_key_value_heads * (d // config.num_attention_heads)
+    per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
+    return 6 * (L * per_layer + d * config.vocab_size) + 6 * L * seq_len * d
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: Path, enabled: bool = True, wandb_project: str | None = None, config: dict | None = None,
+                 truncate_after_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = self.wandb = None
+        if not enabled:
+            return
+        if truncate_after_step is not None and self.path.exists():
+            self._truncate(truncate_after_step)
+        self.file = open(self.path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        except ImportError:
+            pass
+        if wandb_project:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {})
+            except ImportError:
+                log.warning("wandb is not installed; pip install wandb (metrics still go to metrics.jsonl)")
+
+    def _truncate(self, step: int) -> None:
+        """Drop records past the checkpoint we resume from: the resumed run writes them again."""
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+    def log(self, kind: str, step: int, **values) -> None:
+        if not self.enabled:
+            return
+        record = {"type": kind, "step": step, "time": round(time.time(), 3), **values}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self.tb is not None:
+            for k, v in numbers.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+            if kind == "sample":
+                self.tb.add_text("sample", str(values.get("text", "")), step)
+        if self.wandb is not None:
+            self.wandb.log({f"{kind}/{k}": v for k, v in numbers.items()}, step=step)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

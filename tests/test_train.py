@@ -1,0 +1,195 @@
+"""The training loop: exact resume after SIGKILL, Ctrl-C, DDP parity, faults, refusals, learning."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import assert_user_error, run_cli
+from llamaforge.data.prepare import prepare
+from llamaforge.train.checkpoint import checkpoints
+from llamaforge.train.metrics import read_metrics
+from llamaforge.train.optim import lr_factor
+
+MICRO = ["--model.hidden_size", "32", "--model.intermediate_size", "64", "--model.num_hidden_layers", "2",
+         "--model.num_attention_heads", "2", "--model.num_key_value_heads", "1", "--model.max_position_embeddings", "64",
+         "--train.seq_len", "32", "--train.micro_batch", "2", "--train.eval_tokens", "512", "--train.warmup_steps", "2",
+         "--train.sample_prompt", "The", "--lr", "0.01", "--batch-tokens", "256"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    words = "the cat sat on the mat while a dog ran to the park and the bird sang in the tree".split()
+    with open(root / "c.jsonl", "w") as f:
+        for i in range(600):
+            text = " ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 30))
+            f.write(json.dumps({"text": f"Story {i}: " + text.capitalize() + "."}) + "\n")
+    prepare(str(root / "c.jsonl"), root / "d", val_fraction=0.05, workers=0, progress=False)
+    return root / "d"
+
+
+def train_cmd(data, out, *extra):
+    return [sys.executable, "-m", "llamaforge", "train", "--data", str(data), "--out", str(out), "--preset", "tiny",
+            *MICRO, *map(str, extra)]
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in read_metrics(run) if r["type"] == "train"}
+
+
+def wait_for(pred, proc, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return True
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.returncode}")
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def test_lr_schedule_warmup_then_cosine_to_ten_percent():
+    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(55, 10, 100) == pytest.approx(0.55)
+    assert lr_factor(100, 10, 100) == pytest.approx(0.1)
+
+
+def test_sigkill_and_resume_give_identical_losses_and_loss_falls(data, tmp_path):
+    straight = tmp_path / "straight"
+    subprocess.run(train_cmd(data, straight, "--max-steps", 10, "--save-every", 3, "--eval-every", 5), check=True,
+                   capture_output=True)
+    want = losses(straight)
+    assert sorted(want) == list(range(1, 11))
+    evals = [r["val_loss"] for r in read_metrics(straight) if r["type"] == "eval"]
+    assert len(evals) == 2 and evals[1] < evals[0] - 0.3  # it learns
+    assert all(r["val_bpb"] > 0 for r in read_metrics(straight) if r["type"] == "eval")
+    assert (straight / "final" / "model.safetensors").exists() and (straight / "config.yaml").exists()
+    assert [p.name for p in checkpoints(straight)] == ["step_9", "step_10"]  # keep_last 2
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(train_cmd(data, killed, "--max-steps", 10, "--save-every", 3, "--eval-every", 5),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: 7 in losses(killed), proc)  # past the step-6 checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "final").exists()
+    (killed / "checkpoints" / ".step_9.tmp-1").mkdir()  # as a kill during a save leaves it
+    subprocess.run(train_cmd(data, killed, "--max-steps", 10, "--save-every", 3, "--eval-every", 5), check=True,
+                   capture_output=True)
+    got = losses(killed)
+    assert got == want  # identical per-step losses, each step logged once
+    assert not list((killed / "checkpoints").glob(".step_*"))
+    assert any(r.get("event") == "resumed" and r["checkpoint"] == "step_6" for r in read_metrics(killed))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(data, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(data, run, "--max-steps", 1000, "--save-every", 0, "--eval-every", 0),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: 3 in losses(run), proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    (last,) = checkpoints(run)
+    assert int(last.name.split("_")[1]) == max(losses(run))
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+                    reason="torchrun not installed")
+def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(data, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--max-steps", 4, "--save-every", 0, "--eval-every", 0, "--train.micro_batch", 2]
+    subprocess.run(train_cmd(data, one, *args), check=True, capture_output=True)
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "llamaforge"] + train_cmd(data, two, *args)[3:]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = losses(one), losses(two)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for s in a:
+        assert abs(a[s] - b[s]) <= 1e-5, (s, a[s], b[s])
+
+
+def test_configs_that_cannot_run_are_refused_before_training(data, tmp_path):
+    run = tmp_path / "r"
+    assert_user_error(run_cli("train", "--data", data, "--out", run, "--preset", "tiny", "--train.seq_len", "512"),
+                      "max_position_embeddings")
+    assert_user_error(run_cli("train", "--data", data, "--out", run, "--preset", "tiny", "--batch-tokens", "1000"),
+                      "not a multiple")
+    assert_user_error(run_cli("train", "--data", tmp_path, "--out", run, "--preset", "tiny"), "meta.json")
+    assert_user_error(run_cli("train", "--data", data, "--out", run, "--preset", "tiny", "--resume"), "no checkpoint")
+    assert not run.exists()
+
+
+def test_non_finite_steps_are_skipped_then_abort(data, tmp_path, monkeypatch):
+    from llamaforge.config import load_config
+    from llamaforge.errors import UserError
+    from llamaforge.train import loop
+    from llamaforge.train.step import StepStats
+
+    calls = []
+
+    def bad_step(model, *a, **k):
+        calls.append(1)
+        return StepStats(float("nan"), float("nan"), 256, True)
+
+    monkeypatch.setattr(loop, "train_step", bad_step)
+    cfg = load_config("tiny", overrides=[a.lstrip("-").replace("batch-tokens", "train.batch_tokens") + "=" + b
+                                         for a, b in zip(MICRO[::2], MICRO[1::2])
+                                         if a not in ("--lr",)] + ["train.max_bad_steps=3"])
+    with pytest.raises(UserError, match="not finite for 3 steps"):
+        loop.pretrain(cfg, data, tmp_path / "r", progress=False)
+    assert len(calls) == 3
+    events = [r["event"] for r in read_metrics(tmp_path / "r") if r["type"] == "event"]
+    assert events.count("skipped_step") == 3
+
+
+def test_train_step_skips_update_on_nan(small_model):
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.step import train_step
+
+    m = small_model().train()
+    opt = build_optimizer(m, lr=0.1)
+    with torch.no_grad():
+        m.model.norm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randint(0, 512, (2, 17))
+    stats = train_step(m, opt, [(x[:, :-1], x[:, 1:])])
+    assert stats.skipped
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]) or k == "model.norm.weight"
+
+
+def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
+    from llamaforge.config import load_config
+    from llamaforge.train import checkpoint, loop
+
+    real = checkpoint.torch.save
+    count = {"n": 0}
+
+    def flaky(obj, path, *a, **k):
+        count["n"] += 1
+        if count["n"] > 2:  # the first checkpoint (optimizer.pt + rng.pt) succeeds, then the disk is "full"
+            raise OSError(28, "No space left on device")
+        return real(obj, path, *a, **k)
+
+    monkeypatch.setattr(checkpoint.torch, "save", flaky)
+    over = [a.lstrip("-").replace("batch-tokens", "train.batch_tokens").replace("lr", "train.lr") + "=" + b
+            for a, b in zip(MICRO[::2], MICRO[1::2])]
+    cfg = load_config("tiny", overrides=over + ["train.max_steps=4", "train.save_every=2", "train.eval_every=0"])
+    loop.pretrain(cfg, data, tmp_path / "r", progress=False)
+    (only,) = checkpoints(tmp_path / "r")
+    assert only.name == "step_2" and (only / "optimizer.pt").exists()
+    events = [r.get("event") for r in read_metrics(tmp_path / "r")]
+    assert "checkpoint_failed" in events
+    assert not list((tmp_path / "r" / "checkpoints").glob(".step_*"))
