@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*; touch $@
 
 demo: venv
-	$(BIN)/llamaforge init --preset tiny --out runs/demo/init
-	$(BIN)/llamaforge generate --model runs/demo/init --prompt "The meaning of life is" --max-new-tokens 20
+	$(BIN)/llamaforge demo --out runs/demo
 
 test: venv
 	$(BIN)/python -m pytest -q -x
@@ -29,7 +28,7 @@ test-slow: venv
 	$(BIN)/python -m pytest -q -m slow
 
 bench: venv
-	$(BIN)/python -m benchmarks --help
+	$(BIN)/python -m benchmarks --json runs/benchmarks.jsonl
 
 clean:
 	rm -rf runs .pytest_cache

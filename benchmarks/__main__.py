@@ -113,6 +113,40 @@ def train_step(args) -> dict:
     )
 
 
+@benchmark
+def decode(args) -> dict:
+    """Greedy decode tokens/s, batch 4 x 64-token prompts, 128 new tokens, KV cache, fp32 CPU: our model
+    vs transformers' LlamaForCausalLM loaded from the stock Llama export of the same weights."""
+    import tempfile
+
+    from transformers import LlamaForCausalLM
+
+    from llamaforge.config import ModelConfig
+    from llamaforge.convert import to_llama
+    from llamaforge.models import build_model, save_model
+
+    ours = build_model(ModelConfig(**BENCH_MODEL)).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(to_llama(ours), None, tmp)
+        ref = LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    prompt = torch.randint(3, 32000, (4, 64), generator=torch.Generator().manual_seed(0))
+    new = 128
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    outs = {}
+
+    def run(name, model):
+        def f():
+            with torch.no_grad():
+                outs[name] = model.generate(prompt, **kw)
+        return f
+
+    t = interleaved({"ours": run("ours", ours), "ref": run("ref", ref)}, warmup=1, reps=max(2, args.reps // 2))
+    same = bool(torch.equal(outs["ours"], outs["ref"]))
+    tokens = prompt.shape[0] * new
+    return report("decode", tokens / t["ours"], tokens / t["ref"], "transformers LlamaForCausalLM.generate (stock export)",
+                  "new tokens/s", {"identical_greedy_output": same})
+
+
 def _child_run(cmd: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB, largest single process among the command and its workers)."""
     import resource

@@ -100,7 +100,8 @@ def test_bad_input_gets_one_line_and_exit_2(init_dir, tmp_path):
     empty.mkdir()
     (empty / "config.json").write_text((init_dir / "config.json").read_text())
     assert_user_error(run_cli("generate", "--model", empty, "--prompt", "x"), "no weights")
-    assert_user_error(run_cli("export", "--model", tmp_path / "missing", "--out", tmp_path / "o"), "config.json")
+    assert_user_error(run_cli("export", "--model", tmp_path / "missing", "--out", tmp_path / "o"), "does not exist")
+    assert_user_error(run_cli("export", "--model", tmp_path, "--out", tmp_path / "o"), "not a model folder")
     bad = tmp_path / "bad"
     bad.mkdir()
     for name in os.listdir(init_dir):

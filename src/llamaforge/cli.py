@@ -54,11 +54,20 @@ def _read_json(path: str) -> dict:
 
 
 def export(model, tokenizer_dir: str, out: str, fmt: str, records: dict) -> None:
-    from .convert import to_llama
+    from .convert import to_gpt2, to_llama
     from .models import save_model
     from .tokenizer import load_tokenizer
 
-    save_model(to_llama(model) if fmt == "llama" else model, load_tokenizer(tokenizer_dir), out, records)
+    if fmt == "llama" and model.config.position_embedding_type != "rope":
+        raise UserError("a GPT-2 model exports with --format gpt2, not llama")
+    if fmt == "gpt2":
+        try:
+            model = to_gpt2(model)
+        except ValueError as e:
+            raise UserError(f"{e}; use --format llama or llamaforge") from None
+    elif fmt == "llama":
+        model = to_llama(model)
+    save_model(model, load_tokenizer(tokenizer_dir), out, records)
 
 
 def cmd_generate(args) -> None:
@@ -274,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="copy a model folder, or convert it to stock transformers Llama")
     p.add_argument("--model", required=True, help="a llamaforge or llama folder, run directory or checkpoint")
-    p.add_argument("--format", choices=["llamaforge", "llama"], default="llama")
+    p.add_argument("--format", choices=["llamaforge", "llama", "gpt2"], default="llama",
+                   help="llama: stock LlamaForCausalLM; gpt2: stock GPT2LMHeadModel (gpt2 presets)")
     p.add_argument("--eval", action="append", help="results JSON from `llamaforge eval --out`, for the model card")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export)

@@ -32,6 +32,12 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = True
     initializer_range: float = 0.02
+    # architecture switches: LLaMA by default; GPT-2 = gelu_new, layernorm, learned, biases on
+    hidden_act: str = "silu"
+    norm_type: str = "rmsnorm"
+    position_embedding_type: str = "rope"
+    attention_bias: bool = False
+    mlp_bias: bool = False
 
 
 @dataclass
@@ -108,7 +114,12 @@ def validate_model(m: ModelConfig) -> None:
             f"num_key_value_heads {m.num_key_value_heads} does not divide num_attention_heads "
             f"{m.num_attention_heads}; use a divisor of the head count"
         )
-    if (m.hidden_size // m.num_attention_heads) % 2:
+    for name, value, allowed in (("hidden_act", m.hidden_act, ("silu", "gelu_new")),
+                                 ("norm_type", m.norm_type, ("rmsnorm", "layernorm")),
+                                 ("position_embedding_type", m.position_embedding_type, ("rope", "learned"))):
+        if value not in allowed:
+            raise UserError(f"model.{name} {value!r} is not supported; use one of {', '.join(allowed)}")
+    if m.position_embedding_type == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
         raise UserError("head dimension must be even for rotary embeddings; change hidden_size or heads")
 
 

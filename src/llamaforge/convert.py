@@ -73,3 +73,72 @@ def from_llama(llama: LlamaForCausalLM) -> LlamaForgeForCausalLM:
     back = {theirs: ours for ours, theirs in _LAYER_NAMES.items()}
     model.load_state_dict(_rename(llama.state_dict(), back), strict=not c.tie_word_embeddings)
     return model.eval()
+
+
+def _is_gpt2(config) -> bool:
+    return getattr(config, "position_embedding_type", "rope") == "learned"
+
+
+def to_gpt2(model: LlamaForgeForCausalLM):
+    """A stock GPT2LMHeadModel with the same weights (GPT-2 switches only: LayerNorm, GELU, learned
+    positions, biases, tied head). GPT-2 stores linear weights as Conv1D (in, out) and fuses q, k, v."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    c = model.config
+    if not (_is_gpt2(c) and c.norm_type == "layernorm" and c.hidden_act == "gelu_new" and c.attention_bias
+            and c.mlp_bias and c.tie_word_embeddings and c.num_key_value_heads == c.num_attention_heads):
+        raise ValueError("only a GPT-2-shaped model (gpt2 presets) converts to GPT2LMHeadModel")
+    config = GPT2Config(vocab_size=c.vocab_size, n_positions=c.max_position_embeddings, n_embd=c.hidden_size,
+                        n_layer=c.num_hidden_layers, n_head=c.num_attention_heads, n_inner=c.intermediate_size,
+                        activation_function="gelu_new", layer_norm_epsilon=c.rms_norm_eps, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id,
+                        pad_token_id=c.pad_token_id, tie_word_embeddings=True)
+    gpt2 = GPT2LMHeadModel(config).to(model.dtype)
+    src = model.state_dict()
+    out = {"transformer.wte.weight": src["model.embed_tokens.weight"],
+           "transformer.wpe.weight": src["model.embed_positions.weight"],
+           "transformer.ln_f.weight": src["model.norm.weight"], "transformer.ln_f.bias": src["model.norm.bias"],
+           "lm_head.weight": src["model.embed_tokens.weight"]}
+    for i in range(c.num_hidden_layers):
+        a, h = f"model.layers.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
+            out[h + theirs + ".weight"], out[h + theirs + ".bias"] = src[a + ours + ".weight"], src[a + ours + ".bias"]
+        out[h + "attn.c_attn.weight"] = torch.cat([src[a + f"attention.w{x}.weight"] for x in "qkv"]).t()
+        out[h + "attn.c_attn.bias"] = torch.cat([src[a + f"attention.w{x}.bias"] for x in "qkv"])
+        for ours, theirs in (("attention.wo", "attn.c_proj"), ("feed_forward.w1", "mlp.c_fc"),
+                             ("feed_forward.w2", "mlp.c_proj")):
+            out[h + theirs + ".weight"] = src[a + ours + ".weight"].t()
+            out[h + theirs + ".bias"] = src[a + ours + ".bias"]
+    gpt2.load_state_dict(out, strict=False)  # attention bias buffers of older versions are not weights
+    return gpt2.eval()
+
+
+def from_gpt2(gpt2) -> LlamaForgeForCausalLM:
+    """Our model (GPT-2 switches) from a stock GPT2LMHeadModel."""
+    c = gpt2.config
+    if getattr(c, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ValueError(f"GPT-2 activation {c.activation_function!r} is not supported")
+    config = LlamaForgeConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.n_inner or 4 * c.n_embd,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+        max_position_embeddings=c.n_positions, rms_norm_eps=c.layer_norm_epsilon, tie_word_embeddings=True,
+        hidden_act="gelu_new", norm_type="layernorm", position_embedding_type="learned", attention_bias=True,
+        mlp_bias=True, bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id)
+    model = LlamaForgeForCausalLM(config).to(gpt2.dtype)
+    src, d = gpt2.state_dict(), c.n_embd
+    out = {"model.embed_tokens.weight": src["transformer.wte.weight"],
+           "model.embed_positions.weight": src["transformer.wpe.weight"],
+           "model.norm.weight": src["transformer.ln_f.weight"], "model.norm.bias": src["transformer.ln_f.bias"]}
+    for i in range(c.n_layer):
+        a, h = f"model.layers.{i}.", f"transformer.h.{i}."
+        for ours, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
+            out[a + ours + ".weight"], out[a + ours + ".bias"] = src[h + theirs + ".weight"], src[h + theirs + ".bias"]
+        w, b = src[h + "attn.c_attn.weight"].t(), src[h + "attn.c_attn.bias"]
+        for j, x in enumerate("qkv"):
+            out[a + f"attention.w{x}.weight"], out[a + f"attention.w{x}.bias"] = w[j * d : (j + 1) * d], b[j * d : (j + 1) * d]
+        for ours, theirs in (("attention.wo", "attn.c_proj"), ("feed_forward.w1", "mlp.c_fc"),
+                             ("feed_forward.w2", "mlp.c_proj")):
+            out[a + ours + ".weight"] = src[h + theirs + ".weight"].t()
+            out[a + ours + ".bias"] = src[h + theirs + ".bias"]
+    model.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=False)  # lm_head is tied
+    return model.eval()

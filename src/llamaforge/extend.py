@@ -32,7 +32,7 @@ def current_factor(config) -> float:
 def interpolate(model, seq_len: int, factor: float | None = None):
     """A copy of `model` reading `seq_len` positions with linear interpolation (same weights)."""
     config = model.config
-    if getattr(config, "model_type", None) != "llamaforge":
+    if getattr(config, "model_type", None) != "llamaforge" or config.position_embedding_type != "rope":
         raise UserError(f"model type {config.model_type!r} has no rotary embeddings to interpolate; "
                         "extend works on llamaforge (LLaMA) models")
     old = config.max_position_embeddings
@@ -105,7 +105,8 @@ def extend(cfg: RunConfig, model_path: str, data_dir: str | Path, run_dir: str |
     cfg_file = Path(model_path) / "config.json"
     if cfg_file.exists():
         kind = json.loads(cfg_file.read_text()).get("model_type")
-        if kind not in ("llamaforge", "llama"):
+        learned = json.loads(cfg_file.read_text()).get("position_embedding_type") == "learned"
+        if kind not in ("llamaforge", "llama") or learned:
             raise UserError(f"{model_path} holds a {kind!r} model, which has no rotary embeddings to interpolate; "
                             "extend works on llamaforge and llama models")
     base, tok_dir = load_any(model_path)

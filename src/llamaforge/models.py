@@ -109,8 +109,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
 
             llama, info = LlamaForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
             model = from_llama(llama)
+        elif model_type == "gpt2":
+            from transformers import GPT2LMHeadModel
+
+            from .convert import from_gpt2
+
+            gpt2, info = GPT2LMHeadModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
+            model = from_gpt2(gpt2)
         else:
-            raise UserError(f"{path} holds a {model_type!r} model; llamaforge reads llamaforge and llama folders")
+            raise UserError(f"{path} holds a {model_type!r} model; llamaforge reads llamaforge, llama and gpt2 folders")
     except (RuntimeError, ValueError, OSError) as e:
         raise UserError(f"cannot load {path}: {str(e).strip().splitlines()[0][:300]}; re-export the folder") from None
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
@@ -122,9 +129,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
 def load_any(path: str | Path) -> tuple[LlamaForgeForCausalLM, Path]:
     """A model from a Hugging Face folder, a run directory (its final/ or latest checkpoint) or a
     checkpoint folder; returns it with the folder holding its tokenizer."""
-    from .train.checkpoint import checkpoints, load_checkpoint
+    from .train.checkpoint import checkpoints, load_weights
 
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a model folder, run directory or checkpoint")
     if (path / "config.json").exists():
         return load_model(path), path
     if (path / "final" / "config.json").exists():
@@ -138,7 +147,7 @@ def load_any(path: str | Path) -> tuple[LlamaForgeForCausalLM, Path]:
     config = LlamaForgeConfig(**{k: v for k, v in state["model_config"].items() if k not in ("architectures", "auto_map")})
     model = LlamaForgeForCausalLM(config)
     try:
-        load_checkpoint(path, model)
+        load_weights(path, model)
     except ValueError as e:
         raise UserError(f"{e}; the checkpoint is damaged or from another model") from None
     return model.eval(), path.parent.parent / "tokenizer"

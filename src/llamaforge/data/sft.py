@@ -111,7 +111,9 @@ def tokenize_conversations(source: str, tokenizer, max_len: int, strict: bool = 
         except ValueError as e:
             if strict:
                 raise UserError(f"{where}: {e}; fix the line or run without --strict to skip it") from None
-            stats.skip(str(e).split(" (")[0] if "not JSON" in str(e) else str(e).split(",")[0])
+            msg = str(e)
+            stats.skip("not JSON" if msg.startswith("not JSON") else
+                       "longer than the context" if "longer than the context" in msg else msg)
             continue
         labels = [t if m else -100 for t, m in zip(ids, mask)]
         out.append((ids, labels))

@@ -3,6 +3,11 @@
 Self-contained (imports nothing from llamaforge): `save_pretrained` copies this file next to the
 weights and `trust_remote_code=True` loads it.
 
+Architecture switches (LlamaConfig's names where it has them): `hidden_act` "silu" = SwiGLU MLP,
+"gelu_new" = GPT-2's GELU MLP; `norm_type` "rmsnorm" | "layernorm"; `position_embedding_type`
+"rope" | "learned" (absolute, GPT-2); `attention_bias`, `mlp_bias`. The defaults are LLaMA; the
+gpt2 presets set all five (see README, "A second architecture").
+
 Rotary settings live where the installed transformers keeps them for Llama: `rope_parameters`
 (transformers >= 5: {"rope_type": "default"|"linear", "factor": F, "rope_theta": T}) or the older
 `rope_scaling` + `rope_theta`. Both spellings are accepted on input.
@@ -36,8 +41,18 @@ class LlamaForgeConfig(PretrainedConfig):
         eos_token_id: int = 2,
         pad_token_id: int | None = None,
         use_cache: bool = True,
+        hidden_act: str = "silu",
+        norm_type: str = "rmsnorm",
+        position_embedding_type: str = "rope",
+        attention_bias: bool = False,
+        mlp_bias: bool = False,
         **kwargs,
     ):
+        for name, value, allowed in (("hidden_act", hidden_act, ("silu", "gelu_new")),
+                                     ("norm_type", norm_type, ("rmsnorm", "layernorm")),
+                                     ("position_embedding_type", position_embedding_type, ("rope", "learned"))):
+            if value not in allowed:
+                raise ValueError(f"{name} {value!r} is not supported; use one of {', '.join(allowed)}")
         if num_key_value_heads is None:
             num_key_value_heads = num_attention_heads
         if hidden_size % num_attention_heads != 0:
@@ -61,9 +76,11 @@ class LlamaForgeConfig(PretrainedConfig):
         self.rms_norm_eps = rms_norm_eps
         self.initializer_range = initializer_range
         self.use_cache = use_cache
-        self.hidden_act = "silu"
-        self.attention_bias = False
-        self.mlp_bias = False
+        self.hidden_act = hidden_act
+        self.norm_type = norm_type
+        self.position_embedding_type = position_embedding_type
+        self.attention_bias = attention_bias
+        self.mlp_bias = mlp_bias
         rope = kwargs.pop("rope_parameters", None) or rope_scaling
         self.rope_theta = float((rope or {}).get("rope_theta", rope_theta))
         if _HAS_ROPE_PARAMETERS:

@@ -38,6 +38,12 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+def make_norm(config: LlamaForgeConfig) -> nn.Module:
+    if config.norm_type == "layernorm":  # GPT-2
+        return nn.LayerNorm(config.hidden_size, eps=config.rms_norm_eps)
+    return RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, factor: float, dtype: torch.dtype):
     """cos, sin of shape (B, T, head_dim) for integer positions (B, T); positions are divided by `factor`."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float) / head_dim))
@@ -61,10 +67,11 @@ class Attention(nn.Module):
         self.n_head = config.num_attention_heads
         self.n_kv_head = config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
-        self.wq = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=False)
-        self.wk = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
-        self.wv = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.wq = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.wk = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.wv = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.wo = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
         self.wo.residual_out = True  # scaled init, see _init_weights
 
     def forward(self, x, cos, sin, mask, past_key_values):
@@ -72,7 +79,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
         k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
         v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # rotary positions (None: learned absolute positions were added to the input)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # (B, n_kv_head, T_past + T, head_dim)
         gqa = self.n_kv_head != self.n_head
@@ -85,23 +93,30 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """SwiGLU w2(silu(w1 x) * w3 x) for LLaMA; GPT-2's w2(gelu(w1 x)) when hidden_act is gelu_new."""
+
     def __init__(self, config: LlamaForgeConfig):
         super().__init__()
-        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # gate
-        self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)  # up
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)  # down
+        self.gated = config.hidden_act == "silu"
+        bias = config.mlp_bias
+        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)  # gate (GPT-2: c_fc)
+        if self.gated:
+            self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)  # up
+        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)  # down (GPT-2: c_proj)
         self.w2.residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.gated:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
 
 
 class Block(nn.Module):
     def __init__(self, config: LlamaForgeConfig, layer_idx: int):
         super().__init__()
-        self.attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attention_norm = make_norm(config)
         self.attention = Attention(config, layer_idx)
-        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.ffn_norm = make_norm(config)
         self.feed_forward = FeedForward(config)
 
     def forward(self, x, cos, sin, mask, past_key_values):
@@ -144,18 +159,24 @@ class LlamaForgePreTrainedModel(PreTrainedModel):
             if getattr(module, "residual_out", False):
                 std = std / math.sqrt(2 * self.config.num_hidden_layers)
             nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
-        elif isinstance(module, RMSNorm):
+        elif isinstance(module, (RMSNorm, nn.LayerNorm)):
             nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
 
 
 class LlamaForgeModel(LlamaForgePreTrainedModel):
     def __init__(self, config: LlamaForgeConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.position_embedding_type == "learned":  # GPT-2
+            self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = make_norm(config)
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -177,9 +198,13 @@ class LlamaForgeModel(LlamaForgePreTrainedModel):
             else:
                 position_ids = torch.arange(past, past + T, device=input_ids.device)[None].expand(B, T)
         x = self.embed_tokens(input_ids)  # (B, T, hidden)
-        cos, sin = rope_cos_sin(
-            position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_factor, x.dtype
-        )
+        if self.config.position_embedding_type == "learned":
+            x = x + self.embed_positions(position_ids)
+            cos = sin = None
+        else:
+            cos, sin = rope_cos_sin(
+                position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_factor, x.dtype
+            )
         mask = build_attention_mask(attention_mask, T, past)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

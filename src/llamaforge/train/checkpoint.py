@@ -52,8 +52,18 @@ def clean_partial(run_dir: Path) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step_{step}`; raises OSError on failure (the previous one is untouched)."""
+def gather_full_state(model, optimizer) -> tuple[dict, dict]:
+    """FSDP2: full (unsharded, CPU) model and optimizer state dicts. A collective: call on every rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep: int = 2,
+                    full: tuple[dict, dict] | None = None) -> Path:
+    """Write checkpoint `step_{step}`; raises OSError on failure (the previous one is untouched).
+    `full`: gathered (model, optimizer) state dicts of a sharded model, written instead of the live ones."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step}"
@@ -61,8 +71,17 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        save_model(model, str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        if full is None:
+            save_model(model, str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        else:
+            from safetensors.torch import save_file
+
+            weights = {k: v.contiguous() for k, v in full[0].items()
+                       if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
+            save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            torch.save(full[1], tmp / "optimizer.pt")
+            (tmp / "FSDP").write_text("optimizer.pt is keyed by parameter name (torch.distributed.checkpoint)\n")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
@@ -81,18 +100,30 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     return final
 
 
-def load_checkpoint(path: Path, model, optimizer=None) -> dict:
-    """Restore model (and optimizer, RNG) in place; returns state.json's content."""
+def load_weights(path: Path, model) -> dict:
+    """Restore the model's weights in place; returns state.json's content."""
     path = Path(path)
     missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
-    if optimizer is not None:
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
     return json.loads((path / "state.json").read_text())
+
+
+def load_training_state(path: Path, model, optimizer, sharded: bool = False) -> None:
+    """Restore optimizer and RNG states (FSDP2: the name-keyed full optimizer state, re-sharded)."""
+    path = Path(path)
+    optim = torch.load(path / "optimizer.pt", weights_only=True)
+    if sharded:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    elif (path / "FSDP").exists():
+        raise ValueError(f"{path} was written by an FSDP run; resume it with --train.fsdp true under torchrun")
+    else:
+        optimizer.load_state_dict(optim)
+    rng = torch.load(path / "rng.pt", weights_only=True)
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

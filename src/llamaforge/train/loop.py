@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .distributed import Dist, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, matmul_peak_flops, peak_memory_gb, train_flops_per_token
 from .optim import build_optimizer, build_scheduler
-from .step import autocast_context, train_step
+from .step import autocast_context, train_step, uses_bf16
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,6 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     model.to(device).train()
     if t.activation_checkpointing:
         model.model.gradient_checkpointing = True
-    optimizer = build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     step, tokens_seen = 0, 0
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -143,8 +141,13 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         save_config(cfg, run_dir / "config.yaml")
         if not (run_dir / "tokenizer").exists():
             tokenizer.save_pretrained(run_dir / "tokenizer")  # checkpoints load with it (models.load_any)
-    if found:
-        state = ckpt.load_checkpoint(found[-1], model, optimizer)
+    state = ckpt.load_weights(found[-1], model) if found else None  # before wrapping: plain tensors
+    wrapped = wrap(model, d, t.fsdp)  # FSDP2 replaces parameters: the optimizer is built after this
+    optimizer = build_optimizer(wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+    sharded = t.fsdp and d.world > 1
+    if state is not None:
+        ckpt.load_training_state(found[-1], wrapped, optimizer, sharded)
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
@@ -152,15 +155,13 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     metrics = MetricsLogger(run_dir, enabled=d.main, wandb_project=t.wandb_project if t.wandb else None,
                             config=asdict(cfg), truncate_after_step=step)
-    precision = "bf16 autocast" if autocast_context(device).__class__.__name__ == "autocast" else "fp32"
-    metrics.log("event", step, event="started", device=device_name(device), world=d.world, precision=precision)
+    metrics.log("event", step, event="started", device=device_name(device), world=d.world,
+                precision="bf16 autocast" if uses_bf16(device) else "fp32", fsdp=sharded)
     if found:
         metrics.log("event", step, event="resumed", checkpoint=found[-1].name)
-    wrapped = wrap(model, d, t.fsdp)
     run_model = torch.compile(wrapped) if t.compile else wrapped
     eval_model = unwrap(wrapped)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    peak = matmul_peak_flops(device, dtype)
+    peak = matmul_peak_flops(device, torch.bfloat16 if uses_bf16(device) else torch.float32)
     flops_per_token = train_flops_per_token(model.config, t.seq_len)
 
     def state() -> dict:
@@ -168,10 +169,11 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
                 "model_config": model.config.to_dict(), "records": records}
 
     def save(tag: str) -> None:
+        full = ckpt.gather_full_state(wrapped, optimizer) if sharded else None  # a collective: every rank
         if not d.main:
             return
         try:
-            path = ckpt.save_checkpoint(run_dir, step, model, optimizer, state(), keep=t.keep_last)
+            path = ckpt.save_checkpoint(run_dir, step, model, optimizer, state(), keep=t.keep_last, full=full)
             metrics.log("event", step, event="checkpoint", path=str(path.relative_to(run_dir)), reason=tag)
         except OSError as e:
             log.error("checkpoint at step %d failed (%s); the previous checkpoint is intact", step, e)
@@ -228,8 +230,13 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
             signal.signal(signal.SIGTERM, old_handler)
     save("interrupt" if interrupted else "end")
     final = run_dir / "final"
+    full = ckpt.gather_full_state(wrapped, optimizer) if sharded and not interrupted else None
     if not interrupted and d.main:
         from ..card import model_records
+
+        if full is not None:  # FSDP: export an unsharded copy
+            model = type(model)(model.config)
+            model.load_state_dict(full[0])
 
         previous = records.get("previous_card") or {}
         rec = model_records(model, records.get("tokenizer", previous.get("tokenizer", "see tokenizer files")),

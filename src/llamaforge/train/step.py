@@ -19,12 +19,14 @@ class StepStats:
     skipped: bool  # non-finite loss or gradient: no update
 
 
-def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
+def uses_bf16(device: torch.device) -> bool:
     """bf16 autocast on CUDA when supported; plain fp32 elsewhere (bf16 matmuls are ~50x slower on
     CPUs without AVX512-BF16)."""
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return device.type == "cuda" and torch.cuda.is_bf16_supported()
+
+
+def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
+    return torch.autocast("cuda", dtype=torch.bfloat16) if uses_bf16(device) else contextlib.nullcontext()
 
 
 def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=None, all_reduce=None,
