@@ -193,3 +193,26 @@ def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     events = [r.get("event") for r in read_metrics(tmp_path / "r")]
     assert "checkpoint_failed" in events
     assert not list((tmp_path / "r" / "checkpoints").glob(".step_*"))
+
+
+@pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed")
+def test_fsdp2_matches_one_process_and_resumes_exactly(data, tmp_path):
+    """FSDP2 (fully_shard) on gloo: same per-step losses as one plain process; a run that lost its
+    last checkpoint resumes from the sharded-and-gathered one with the same losses."""
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    args = ["--max-steps", 4, "--save-every", 2, "--eval-every", 0, "--train.micro_batch", 2]
+    subprocess.run(train_cmd(data, one, *args), check=True, capture_output=True)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m",
+                "llamaforge"]
+    cmd = torchrun + train_cmd(data, fsdp, *args, "--train.fsdp", "true")[3:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = losses(one), losses(fsdp)
+    assert sorted(b) == [1, 2, 3, 4] and all(abs(a[s] - b[s]) <= 1e-5 for s in a), (a, b)
+    assert (fsdp / "final" / "model.safetensors").exists() and (fsdp / "checkpoints" / "step_2" / "FSDP").exists()
+    shutil.rmtree(fsdp / "checkpoints" / "step_4")  # as if the run died after the step-2 checkpoint
+    shutil.rmtree(fsdp / "final")
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(fsdp) == b

@@ -170,7 +170,7 @@ def cmd_sft(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import demo
 
-    report = demo(args.out, quick=args.quick)
+    report = demo(args.out, quick=args.quick, echo=lambda line: print(line, flush=True))
     print(report)
 
 

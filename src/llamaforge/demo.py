@@ -6,7 +6,6 @@ runs so any step can be rerun by hand. The last line printed is the report's pat
 from __future__ import annotations
 
 import shlex
-import sys
 from pathlib import Path
 
 from .errors import UserError
@@ -39,14 +38,14 @@ def steps(out: Path, quick: bool) -> list[list[str]]:
     ]
 
 
-def demo(out: str | Path = "runs/demo", quick: bool = False) -> Path:
+def demo(out: str | Path = "runs/demo", quick: bool = False, echo=lambda line: None) -> Path:
+    """Run the steps through the CLI's own entry point; `echo` receives each command line first."""
     from .cli import main
 
     out = Path(out)
     for argv in steps(out, quick):
-        print(f"\n$ llamaforge {shlex.join(argv)}", flush=True)
+        echo(f"\n$ llamaforge {shlex.join(argv)}")
         code = main(argv)
         if code != 0:
             raise UserError(f"step `llamaforge {argv[0]}` failed (exit {code}); fix it and rerun the printed command")
-        sys.stdout.flush()
     return out / "report" / "report.md"

@@ -40,5 +40,8 @@ def generate(
         pad_token_id=tokenizer.pad_token_id,
         streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None,
     )
-    new = out[:, batch["input_ids"].shape[1] :]
-    return tokenizer.batch_decode(new, skip_special_tokens=True)
+    # decode prompt + continuation together and cut the prompt off: decoding the new tokens alone
+    # would drop the space that sentencepiece-style tokens carry at the front ("▁word")
+    full = tokenizer.batch_decode(out, skip_special_tokens=True)
+    prompt = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    return [f[len(p) :] if f.startswith(p) else f for f, p in zip(full, prompt)]
