@@ -109,3 +109,26 @@ def test_sft_refuses_missing_data_and_all_bad(tmp_path):
     bad = write(tmp_path / "bad.jsonl", [{"text": "no conversation"}])
     assert_user_error(run_cli("sft", "--model", init, "--data", bad, "--out", tmp_path / "r"), "no usable conversation")
     assert_user_error(run_cli("sft", "--model", init, "--data", bad, "--out", tmp_path / "r", "--strict"), "bad.jsonl:1")
+
+
+def test_sft_resumes_exactly(tmp_path):
+    """A fine-tune that lost its last checkpoint resumes from the previous one with the same losses."""
+    import shutil
+
+    from llamaforge.train.metrics import read_metrics
+
+    data = write(tmp_path / "qa.jsonl", [{"prompt": q, "response": a} for q, a in QA] * 2)
+    init = tmp_path / "init"
+    run_cli("init", "--preset", "tiny", "--out", init, "--model.hidden_size", "32", "--model.intermediate_size", "64",
+            "--model.num_hidden_layers", "1", "--model.num_attention_heads", "2", "--model.num_key_value_heads", "1",
+            check_rc=0)
+    args = ["sft", "--model", init, "--data", data, "--out", tmp_path / "run", "--max-steps", "6", "--save-every", "3",
+            "--batch-tokens", "256", "--train.seq_len", "64", "--train.micro_batch", "2", "--eval-every", "3"]
+    run_cli(*args, check_rc=0)
+    losses = lambda: {r["step"]: r["loss"] for r in read_metrics(tmp_path / "run") if r["type"] == "train"}  # noqa: E731
+    want = losses()
+    assert sorted(want) == [1, 2, 3, 4, 5, 6]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_6")
+    shutil.rmtree(tmp_path / "run" / "final")
+    run_cli(*args, check_rc=0)
+    assert losses() == want

@@ -31,6 +31,29 @@ def _series(records: list[dict], kind: str, key: str, x: str = "tokens_seen") ->
     return xs, ys
 
 
+def _offsets(runs: list[Path], recs: dict[str, list[dict]]) -> dict[str, int]:
+    """Tokens to shift each run's x-axis by: a run that continues an earlier one (extend/sft `--model`
+    pointing at it or its final/ or checkpoint) starts where that one ended."""
+    from .train.checkpoint import checkpoints
+
+    ends, out = {}, {}
+    for r in runs:
+        found = checkpoints(r)
+        state = json.loads((found[-1] / "state.json").read_text()) if found else {}
+        rec = state.get("records", {})
+        source = (rec.get("extend") or rec.get("sft") or {}).get("from")
+        shift = 0
+        if source:
+            src = Path(source).resolve()
+            for prev, end in ends.items():
+                if src == prev or prev in src.parents:
+                    shift = end
+        train = [x for x in recs[r.name] if x["type"] == "train"]
+        out[r.name] = shift
+        ends[r.resolve()] = shift + (train[-1]["tokens_seen"] if train else 0)
+    return out
+
+
 def _plot(path: Path, title: str, ylabel: str, curves: list[tuple[str, list, list, str]], xlabel: str = "tokens seen",
           logy: bool = False) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -120,8 +143,14 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
     recs = {r.name: read_metrics(r) for r in runs}
     figs = []
 
+    shift = _offsets(runs, recs)
+
     def curves(kind, key, style):
-        return [(f"{name} {key}", *_series(rs, kind, key), style) for name, rs in recs.items()]
+        out = []
+        for name, rs in recs.items():
+            xs, ys = _series(rs, kind, key)
+            out.append((f"{name} {key}", [x + shift[name] for x in xs], ys, style))
+        return out
 
     figs.append(("Loss", _plot(out / "loss.png", "Training and validation loss", "loss (nats/token)",
                                curves("train", "loss", "-") + curves("eval", "val_loss", "o-"))))

@@ -35,6 +35,8 @@ def sft(cfg: RunConfig, model_path: str, data: str, run_dir: str | Path, strict:
 
     from .card import read_records
 
-    records = {"previous_card": read_records(tok_dir) or {}, "sft": {"data": str(data), "train_conversations": len(train_set), "val_conversations": len(val_set),
+    records = {"previous_card": read_records(tok_dir) or {},
+               "sft": {"from": str(model_path), "data": str(data), "train_conversations": len(train_set),
+                       "val_conversations": len(val_set),
                        "skipped": stats.skipped}}
     return train(cfg, model, tokenizer, factory, run_dir, resume, progress, records), stats
