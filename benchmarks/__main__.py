@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
 
 import torch
 
-from llamaforge.train.metrics import device_name
+from llamaforge.train.metrics import device_name, train_flops_per_token
 
 REGISTRY = {}
 
@@ -67,13 +66,6 @@ BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, nu
                    num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256, tie_word_embeddings=False)
 
 
-def train_flops_per_token(cfg: dict, seq: int) -> float:
-    """6 N (matmul parameters: no input embedding) + causal attention 6 L T d (QK^T and AV, halved by causality)."""
-    d, f, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    n = L * (4 * d * d + 3 * d * f) + d * cfg["vocab_size"]
-    return 6 * n + 6 * L * seq * d
-
-
 @benchmark
 def train_step(args) -> dict:
     """Forward + backward + AdamW step, fp32 CPU, batch 8 x 256: our training step vs transformers' LlamaForCausalLM."""
@@ -105,7 +97,7 @@ def train_step(args) -> dict:
     peak = matmul_peak_gflops()
     t = interleaved({"ours": lambda: our_train_step(ours, our_opt, [(inputs, targets)]), "ref": ref_step}, args.warmup, args.reps)
     tokens = B * T
-    flops = train_flops_per_token(BENCH_MODEL, T) * tokens
+    flops = train_flops_per_token(ours.config, T) * tokens
     return report(
         "train_step", tokens / t["ours"], tokens / t["ref"], "transformers LlamaForCausalLM + torch AdamW (foreach)", "tokens/s",
         {"matmul_peak_gflops": round(peak, 1), "ours_frac_of_peak": round(flops / t["ours"] / 1e9 / peak, 3),

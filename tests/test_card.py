@@ -2,7 +2,6 @@
 
 import os
 
-import pytest
 
 from conftest import assert_user_error, run_cli
 

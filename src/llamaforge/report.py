@@ -98,15 +98,11 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _param_counts(run: Path) -> dict | None:
-    cfg_path = run / "final" / "config.json"
-    if not cfg_path.exists():
-        return None
-    cfg = json.loads(cfg_path.read_text())
-    d, f, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
-    kv = cfg["num_key_value_heads"] * (d // cfg["num_attention_heads"])
-    body = L * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + d
-    emb = V * d * (1 if cfg.get("tie_word_embeddings") else 2)
-    return {"non_embedding": body, "total": body + emb}
+    """Counted when the final model was saved (its llamaforge.json), not re-derived from shapes."""
+    from .card import read_records
+
+    rec = read_records(run / "final") if (run / "final").exists() else None
+    return rec.get("parameters") if rec else None
 
 
 def run_summary(run: Path) -> dict:

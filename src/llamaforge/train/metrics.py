@@ -59,7 +59,8 @@ def train_flops_per_token(config, seq_len: int) -> float:
     """6 x matmul parameters (no input embedding) + causal attention (6 L T d)."""
     d, L = config.hidden_size, config.num_hidden_layers
     kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * config.intermediate_size
+    mlp_matrices = 3 if getattr(config, "hidden_act", "silu") == "silu" else 2  # SwiGLU vs GPT-2's GELU MLP
+    per_layer = 2 * d * d + 2 * d * kv + mlp_matrices * d * config.intermediate_size
     return 6 * (L * per_layer + d * config.vocab_size) + 6 * L * seq_len * d
 
 
