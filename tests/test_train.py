@@ -216,3 +216,33 @@ def test_fsdp2_matches_one_process_and_resumes_exactly(data, tmp_path):
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(fsdp) == b
+
+
+def test_activation_checkpointing_gives_the_same_gradients(small_model):
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.step import train_step
+
+    x = torch.randint(0, 512, (2, 33), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for ckpt_on in (False, True):
+        m = small_model().train()
+        m.model.gradient_checkpointing = ckpt_on
+        opt = build_optimizer(m, lr=0.0)
+        m.zero_grad()
+        loss = m(input_ids=x[:, :-1], shift_labels=x[:, 1:]).loss
+        loss.backward()
+        grads.append({k: p.grad.clone() for k, p in m.named_parameters()})
+        assert not train_step(m, opt, [(x[:, :-1], x[:, 1:])]).skipped
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k])
+
+
+def test_compiled_training_matches_eager(data, tmp_path):
+    """train.compile: torch.compile (inductor on CPU) gives the eager per-step losses."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    args = ["--max-steps", 2, "--save-every", 0, "--eval-every", 0]
+    subprocess.run(train_cmd(data, eager, *args), check=True, capture_output=True)
+    done = subprocess.run(train_cmd(data, compiled, *args, "--train.compile", "true"), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = losses(eager), losses(compiled)
+    assert sorted(b) == [1, 2] and all(abs(a[s] - b[s]) <= 1e-4 for s in a), (a, b)
