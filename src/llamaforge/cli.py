@@ -35,7 +35,7 @@ def cmd_init(args) -> None:
 
 def cmd_export(args) -> None:
     from .card import model_records, read_records
-    from .models import load_any
+    from .models import export, load_any
 
     model, tok_dir = load_any(args.model)
     evals = [_read_json(e) for e in args.eval or []]
@@ -51,23 +51,6 @@ def _read_json(path: str) -> dict:
     if not Path(path).is_file():
         raise UserError(f"{path} does not exist; pass a results file from `llamaforge eval --out`")
     return json.loads(Path(path).read_text())
-
-
-def export(model, tokenizer_dir: str, out: str, fmt: str, records: dict) -> None:
-    from .convert import to_gpt2, to_llama
-    from .models import save_model
-    from .tokenizer import load_tokenizer
-
-    if fmt == "llama" and model.config.position_embedding_type != "rope":
-        raise UserError("a GPT-2 model exports with --format gpt2, not llama")
-    if fmt == "gpt2":
-        try:
-            model = to_gpt2(model)
-        except ValueError as e:
-            raise UserError(f"{e}; use --format llama or llamaforge") from None
-    elif fmt == "llama":
-        model = to_llama(model)
-    save_model(model, load_tokenizer(tokenizer_dir), out, records)
 
 
 def cmd_generate(args) -> None:

@@ -151,3 +151,20 @@ def load_any(path: str | Path) -> tuple[LlamaForgeForCausalLM, Path]:
     except ValueError as e:
         raise UserError(f"{e}; the checkpoint is damaged or from another model") from None
     return model.eval(), path.parent.parent / "tokenizer"
+
+
+def export(model, tokenizer_dir: str, out: str, fmt: str, records: dict) -> None:
+    """Save `model` as a llamaforge, stock Llama or stock GPT-2 folder, with the tokenizer and card."""
+    from .convert import to_gpt2, to_llama
+    from .tokenizer import load_tokenizer
+
+    if fmt == "llama" and model.config.position_embedding_type != "rope":
+        raise UserError("a GPT-2 model exports with --format gpt2, not llama")
+    if fmt == "gpt2":
+        try:
+            model = to_gpt2(model)
+        except ValueError as e:
+            raise UserError(f"{e}; use --format llama or llamaforge") from None
+    elif fmt == "llama":
+        model = to_llama(model)
+    save_model(model, load_tokenizer(tokenizer_dir), out, records)

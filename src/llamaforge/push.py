@@ -31,8 +31,7 @@ def push(model_dir: str | Path, repo: str, private: bool = False, revision: str 
         folder = model_dir
         if fmt == "llama":
             from .card import model_records, read_records
-            from .cli import export
-            from .models import load_any
+            from .models import export, load_any
 
             model, tok_dir = load_any(model_dir)
             previous = read_records(model_dir) or {}
