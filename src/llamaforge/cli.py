@@ -142,7 +142,8 @@ def cmd_sft(args) -> None:
     from .config import load_config
     from .sft import sft
 
-    cfg = load_config(args.preset or "tiny-sft", args.config if not args.preset else None, _train_overrides(args))
+    preset = args.preset or (None if args.config else "tiny-sft")
+    cfg = load_config(preset, args.config, _train_overrides(args))
     final, stats = sft(cfg, args.model, args.data, args.out, strict=args.strict, val_fraction=args.val_fraction,
                        resume=args.resume)
     skipped = ", ".join(f"{v} {k}" for k, v in stats.skipped.items()) or "none"
@@ -164,7 +165,10 @@ def cmd_push(args) -> None:
     print(url)
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser, preset_help: str) -> None:
+    """--preset/--config, the plain training flags and --resume: shared by train, extend and sft."""
+    p.add_argument("--preset", help=preset_help)
+    p.add_argument("--config", help="a YAML config file")
     for name, kind in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
@@ -202,9 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain a model on prepared data")
     p.add_argument("--data", required=True, help="a folder written by prepare")
     p.add_argument("--out", required=True, help="the run directory")
-    p.add_argument("--preset", help="configs/NAME.yaml")
-    p.add_argument("--config", help="a YAML config file")
-    _train_args(p)
+    _train_args(p, "configs/NAME.yaml, e.g. tiny, llama-150m, gpt2-124m")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("extend", help="extend the context with Position Interpolation and fine-tune")
@@ -213,9 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--seq-len", type=int, required=True, help="the new context length")
     p.add_argument("--factor", type=float, help="interpolation factor (default: new length / trained length)")
-    p.add_argument("--preset", help="training settings, e.g. tiny-extend, llama-150m-extend-1024")
-    p.add_argument("--config")
-    _train_args(p)
+    _train_args(p, "training settings, e.g. tiny-extend, llama-150m-extend-1024")
     p.set_defaults(func=cmd_extend)
 
     p = sub.add_parser("eval", help="perplexity, bits per byte and lm-evaluation-harness tasks")
@@ -243,11 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a model folder, run directory or checkpoint")
     p.add_argument("--data", required=True, help="JSONL of {prompt, response} or {messages}, or hf:NAME")
     p.add_argument("--out", required=True)
-    p.add_argument("--preset", help="training settings (default tiny-sft)")
-    p.add_argument("--config")
     p.add_argument("--strict", action="store_true", help="refuse bad lines instead of skipping and counting them")
     p.add_argument("--val-fraction", type=float, default=0.05)
-    _train_args(p)
+    _train_args(p, "training settings (default: tiny-sft unless --config is given)")
     p.set_defaults(func=cmd_sft)
 
     p = sub.add_parser("demo", help="the whole job on the sample corpus, on a CPU, printing each step")

@@ -104,23 +104,13 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
 
 
 def validate_model(m: ModelConfig) -> None:
-    if m.hidden_size % m.num_attention_heads:
-        raise UserError(
-            f"hidden_size {m.hidden_size} is not divisible by num_attention_heads {m.num_attention_heads}; "
-            "pick a head count that divides the hidden size"
-        )
-    if m.num_attention_heads % m.num_key_value_heads:
-        raise UserError(
-            f"num_key_value_heads {m.num_key_value_heads} does not divide num_attention_heads "
-            f"{m.num_attention_heads}; use a divisor of the head count"
-        )
-    for name, value, allowed in (("hidden_act", m.hidden_act, ("silu", "gelu_new")),
-                                 ("norm_type", m.norm_type, ("rmsnorm", "layernorm")),
-                                 ("position_embedding_type", m.position_embedding_type, ("rope", "learned"))):
-        if value not in allowed:
-            raise UserError(f"model.{name} {value!r} is not supported; use one of {', '.join(allowed)}")
-    if m.position_embedding_type == "rope" and (m.hidden_size // m.num_attention_heads) % 2:
-        raise UserError("head dimension must be even for rotary embeddings; change hidden_size or heads")
+    """The model config class itself checks consistency; its ValueError becomes a one-line UserError."""
+    from .hf.configuration_llamaforge import LlamaForgeConfig
+
+    try:
+        LlamaForgeConfig(**model_kwargs(m))
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -25,10 +25,6 @@ from .errors import UserError
 log = logging.getLogger(__name__)
 
 
-def current_factor(config) -> float:
-    return float(config.rope_factor)
-
-
 def interpolate(model, seq_len: int, factor: float | None = None):
     """A copy of `model` reading `seq_len` positions with linear interpolation (same weights)."""
     config = model.config
@@ -38,7 +34,7 @@ def interpolate(model, seq_len: int, factor: float | None = None):
     old = config.max_position_embeddings
     if seq_len <= old:
         raise UserError(f"--seq-len {seq_len} is not larger than the model's {old} positions; pass a longer length")
-    factor = factor if factor is not None else current_factor(config) * seq_len / old
+    factor = factor if factor is not None else config.rope_factor * seq_len / old
     if not factor > 0:
         raise UserError(f"--factor {factor} must be positive")
     new = copy.deepcopy(model)
@@ -111,7 +107,7 @@ def extend(cfg: RunConfig, model_path: str, data_dir: str | Path, run_dir: str |
                             "extend works on llamaforge and llama models")
     base, tok_dir = load_any(model_path)
     model = interpolate(base, seq_len, factor)
-    factor = current_factor(model.config)
+    factor = model.config.rope_factor
     tokenizer = load_tokenizer(str(tok_dir))
     cfg.train.seq_len = seq_len
     from .card import read_records

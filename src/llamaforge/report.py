@@ -157,9 +157,10 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
                                      curves("train", "tokens_per_s", "-"))))
     md = [f"# llamaforge report: {', '.join(r.name for r in runs)}", ""]
     md += ["## Summary", ""]
+    summaries = {r.name: run_summary(r) for r in runs}
     rows = []
     for r in runs:
-        s = run_summary(r)
+        s = summaries[r.name]
         p = s["params"] or {}
         rows.append([r.name, s["steps"], f"{s['tokens_seen']:,}", f"{s.get('train_loss', float('nan')):.4f}",
                      f"{s.get('val_loss', float('nan')):.4f}", f"{s.get('val_bpb') or float('nan'):.4f}",
@@ -194,7 +195,7 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
     md += ["", "## Plots", ""] + [f"### {t}\n\n![{t}]({p.name})\n" for t, p in figs]
     md += ["## Sample generations", ""]
     for r in runs:
-        for step, prompt, text in run_summary(r)["samples"]:
+        for step, prompt, text in summaries[r.name]["samples"]:
             md.append(f"- {r.name}, step {step}: **{prompt}**{text}")
     for r in runs:
         if (r / "config.yaml").exists():

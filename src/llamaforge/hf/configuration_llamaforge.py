@@ -52,7 +52,7 @@ class LlamaForgeConfig(PretrainedConfig):
                                      ("norm_type", norm_type, ("rmsnorm", "layernorm")),
                                      ("position_embedding_type", position_embedding_type, ("rope", "learned"))):
             if value not in allowed:
-                raise ValueError(f"{name} {value!r} is not supported; use one of {', '.join(allowed)}")
+                raise ValueError(f"model.{name} {value!r} is not supported; use one of {', '.join(allowed)}")
         if num_key_value_heads is None:
             num_key_value_heads = num_attention_heads
         if hidden_size % num_attention_heads != 0:
@@ -65,6 +65,8 @@ class LlamaForgeConfig(PretrainedConfig):
                 f"num_key_value_heads {num_key_value_heads} does not divide num_attention_heads "
                 f"{num_attention_heads}; use a divisor of the head count"
             )
+        if position_embedding_type == "rope" and (hidden_size // num_attention_heads) % 2:
+            raise ValueError("head dimension must be even for rotary embeddings; change hidden_size or heads")
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
