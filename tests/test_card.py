@@ -21,6 +21,10 @@ def test_card_of_a_bare_init_folder(tmp_path):
     assert meta["library_name"] == "transformers" and meta["pipeline_tag"] == "text-generation"
     assert meta["license"] == "apache-2.0" and "llamaforge" in meta["tags"]
     assert "untrained" in card and "trust_remote_code=True" in card and "lm_eval --model hf" in card
+    import torch
+    import transformers
+
+    assert f"torch {torch.__version__}" in card and f"transformers {transformers.__version__}" in card
     # the stock export carries the card too
     run_cli("export", "--model", out, "--format", "llama", "--out", tmp_path / "llama", check_rc=0)
     assert "untrained" in (tmp_path / "llama" / "README.md").read_text()

@@ -53,6 +53,7 @@ def test_init_writes_a_complete_hf_folder(init_dir):
     assert cfg["num_hidden_layers"] == 2 and cfg["num_key_value_heads"] == 2
 
 
+@pytest.mark.compat
 def test_fresh_process_loads_with_trust_remote_code(init_dir):
     from llamaforge.models import load_model
 
@@ -65,6 +66,7 @@ def test_fresh_process_loads_with_trust_remote_code(init_dir):
     torch.testing.assert_close(torch.tensor(got["logits"]), ours)
 
 
+@pytest.mark.compat
 def test_export_llama_loads_in_plain_transformers_and_back(init_dir, tmp_path):
     out = tmp_path / "llama"
     run_cli("export", "--model", init_dir, "--format", "llama", "--out", out, check_rc=0)
@@ -80,6 +82,7 @@ def test_export_llama_loads_in_plain_transformers_and_back(init_dir, tmp_path):
     torch.testing.assert_close(back, ours)
 
 
+@pytest.mark.compat
 def test_generate_streams_and_batches(init_dir):
     one = run_cli("generate", "--model", init_dir, "--prompt", "Once upon", "--max-new-tokens", "5", check_rc=0)
     assert one.stdout.startswith("Once upon")
@@ -111,3 +114,16 @@ def test_bad_input_gets_one_line_and_exit_2(init_dir, tmp_path):
     save_file(state, bad / "model.safetensors", metadata={"format": "pt"})
     assert_user_error(run_cli("export", "--model", bad, "--out", tmp_path / "o"), "re-export")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.compat
+def test_our_tokenizer_loading_asks_no_remote_code_question(init_dir):
+    """transformers 5.24 prints its remote-code question to stdout when AutoTokenizer reads a folder whose
+    config.json has auto_map and no terminal is attached; llamaforge's own loading must never trigger it."""
+    code = ("import sys; from llamaforge.tokenizer import load_tokenizer; "
+            "tok = load_tokenizer(sys.argv[1]); sys.stderr.write(str(tok('Hello').input_ids))")
+    done = subprocess.run([sys.executable, "-c", code, str(init_dir)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout == ""
+    assert done.stderr.strip().endswith("[1, 22557]")

@@ -82,6 +82,7 @@ def test_perplexity_is_exp_of_mean_token_loss(model_dir, tmp_path, mistral):
     assert got["bits_per_byte"] == pytest.approx(mean * (len(ids) - 1) / math.log(2) / len(text.encode()), rel=1e-5)
 
 
+@pytest.mark.compat
 def test_lm_eval_api_matches_hand_loglikelihoods(model_dir, local_task, mistral):
     pytest.importorskip("lm_eval")
     from llamaforge.eval.harness import run_tasks
@@ -98,6 +99,7 @@ def test_lm_eval_api_matches_hand_loglikelihoods(model_dir, local_task, mistral)
     assert row["ci95"][0] <= acc <= row["ci95"][1]
 
 
+@pytest.mark.compat
 def test_course_lm_eval_command_on_exported_folder(model_dir, local_task, mistral, tmp_path):
     pytest.importorskip("lm_eval")
     from llamaforge.models import load_model

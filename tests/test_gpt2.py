@@ -3,6 +3,7 @@ the 124M preset's size, export/import folders, and a short run of the same train
 
 import json
 
+import pytest
 import torch
 
 from conftest import assert_user_error, run_cli, small_config
@@ -14,6 +15,7 @@ GPT2 = dict(hidden_act="gelu_new", norm_type="layernorm", position_embedding_typ
             mlp_bias=True, tie_word_embeddings=True, num_key_value_heads=4)
 
 
+@pytest.mark.compat
 def test_logits_match_gpt2lmheadmodel_both_ways(ids):
     model = build_model(small_config(**GPT2), seed=1).eval()
     with torch.no_grad():  # non-trivial biases and norms, so the mapping of every tensor is checked

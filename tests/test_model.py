@@ -11,6 +11,7 @@ from llamaforge.convert import from_llama, to_llama
 from llamaforge.hf.modeling_llamaforge import FeedForward, RMSNorm, apply_rope, rope_cos_sin
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("tied,factor,kv", [(False, 1.0, 2), (True, 4.0, 2), (False, 2.0, 4), (True, 1.0, 1)])
 def test_logits_match_transformers_llama(small_model, ids, tied, factor, kv):
     model = small_model(tie_word_embeddings=tied, num_key_value_heads=kv)
@@ -99,6 +100,7 @@ def test_loss_normalizes_per_token_over_accumulated_micro_batches(small_model, i
     torch.testing.assert_close(m(ids, shift_labels=shifted).loss, full)
 
 
+@pytest.mark.compat
 def test_kv_cache_greedy_equals_recompute(small_model):
     m = small_model()
     prompt = torch.randint(3, 512, (1, 9), generator=torch.Generator().manual_seed(1))
@@ -109,6 +111,7 @@ def test_kv_cache_greedy_equals_recompute(small_model):
     assert torch.equal(cached, fresh)
 
 
+@pytest.mark.compat
 def test_left_padded_batch_generates_like_each_prompt_alone(small_model):
     m = small_model()
     g = torch.Generator().manual_seed(2)

@@ -97,6 +97,17 @@ def test_tiny_model_learns_to_answer_and_stop(tmp_path):
     outs = generate(model, tok, prompts, max_new_tokens=24, temperature=0)
     correct = sum(o.strip() == a for o, (_, a) in zip(outs, QA))
     assert correct >= 6, outs  # most of 8, and each stopped at EOS (nothing after the answer)
+    # the same through transformers' own Auto class and generate(), KV cache on, one prompt at a time
+    from transformers import AutoModelForCausalLM
+
+    auto = AutoModelForCausalLM.from_pretrained(final, trust_remote_code=True).eval()
+    answers = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        out = auto.generate(ids, use_cache=True, max_new_tokens=24, do_sample=False, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)
+        answers.append(tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    assert sum(o == a for o, (_, a) in zip(answers, QA)) >= 6, answers
     cli = run_cli("generate", "--model", final, "--chat", "--prompt", QA[0][0], "--temperature", "0", check_rc=0)
     assert QA[0][1] in cli.stdout
 

@@ -23,6 +23,7 @@ TEXTS = [
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "mistral-7b-v0.1-hf" / "tokenizer.json"
 
 
+@pytest.mark.compat
 def test_course_example_ids(mistral):
     assert mistral("Hello world, this is a test.").input_ids == [1, 22557, 1526, 28725, 456, 349, 264, 1369, 28723]
     assert len(mistral) == 32000
@@ -33,6 +34,7 @@ def test_tokenizer_model_is_verified():
     assert sha256_file(carried_file(MISTRAL_TOKENIZER)) == MISTRAL_TOKENIZER.member_sha256
 
 
+@pytest.mark.compat
 def test_ids_equal_sentencepiece(mistral):
     spm = pytest.importorskip("sentencepiece")
     sp = spm.SentencePieceProcessor(model_file=str(carried_file(MISTRAL_TOKENIZER)))
@@ -54,6 +56,7 @@ def test_ids_equal_the_hub_files_where_they_agree_with_sentencepiece(mistral):
         assert mistral(text).input_ids == ref.encode(text).ids, text
 
 
+@pytest.mark.compat
 def test_saved_tokenizer_round_trips_through_autotokenizer(mistral, tmp_path):
     from transformers import AutoTokenizer
 

@@ -30,10 +30,11 @@ def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals
     }
     rec["parameters"] = count_parameters(model)
     rec["tokenizer"] = tokenizer_name
+    rec["software"] = software_versions()
     if run_dir is not None:
         from omegaconf import OmegaConf
 
-        from .report import run_summary
+        from .runs import run_summary
 
         s = run_summary(Path(run_dir))
         cfg = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml")) if (Path(run_dir) / "config.yaml").exists() else {}
@@ -46,6 +47,19 @@ def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals
     if evals:
         rec["evaluations"] = list(rec.get("evaluations", [])) + list(evals)
     return rec
+
+
+def software_versions() -> dict[str, str]:
+    """The versions this folder was written with (the card's 'Software' line)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("llamaforge", "torch", "transformers", "tokenizers", "safetensors"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
 
 
 def _latest_state(run_dir: Path) -> dict:
@@ -121,6 +135,9 @@ def render_card(rec: dict, repo_name: str = "MODEL") -> str:
                 lines.append(f"| {k} | {v['metric']} | {v['value']:.4f} | {v['ci95'][0]:.3f}-{v['ci95'][1]:.3f} | "
                              f"{v['n']} | {v['kind']} |")
         lines.append("")
+    if rec.get("software"):
+        lines += ["## Software", "", "Written with " + ", ".join(f"{k} {v}" for k, v in rec["software"].items())
+                  + ". llamaforge's own tests pass with the versions in its `requirements.lock`.", ""]
     lines += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
               f'model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True)',
               f'tok = AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)',

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -63,7 +64,8 @@ class TrainConfig:
     fsdp: bool = False
     max_bad_steps: int = 5  # NaN/inf steps in a row before aborting
     sample_prompt: str = "The meaning of life is"
-    wandb: bool = False
+    tensorboard: Optional[bool] = None  # None: when installed; true: required (llamaforge[tensorboard]); false: off
+    wandb: bool = False  # true requires llamaforge[wandb]
     wandb_project: str = "llamaforge"
 
 

@@ -10,14 +10,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+from .cache import atomic_write_bytes
+from .errors import UserError, require_extra
+from .runs import run_summary
+from .train.metrics import read_metrics
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
 
-from .cache import atomic_write_bytes  # noqa: E402
-from .errors import UserError  # noqa: E402
-from .train.metrics import read_metrics  # noqa: E402
+def _pyplot():
+    """matplotlib is the optional `report` extra: imported only here, never by training."""
+    require_extra("matplotlib", "report")
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _series(records: list[dict], kind: str, key: str, x: str = "tokens_seen") -> tuple[list, list]:
@@ -56,6 +63,7 @@ def _offsets(runs: list[Path], recs: dict[str, list[dict]]) -> dict[str, int]:
 
 def _plot(path: Path, title: str, ylabel: str, curves: list[tuple[str, list, list, str]], xlabel: str = "tokens seen",
           logy: bool = False) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for label, xs, ys, style in curves:
         if xs:
@@ -75,6 +83,7 @@ def _plot(path: Path, title: str, ylabel: str, curves: list[tuple[str, list, lis
 
 
 def _positions_plot(path: Path, pos: dict) -> Path:
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for (label, ys), marker in zip(pos["loss"].items(), "osD"):
         ax.plot(pos["buckets"], ys, marker=marker, label=label)
@@ -105,26 +114,9 @@ def _param_counts(run: Path) -> dict | None:
     return rec.get("parameters") if rec else None
 
 
-def run_summary(run: Path) -> dict:
-    """Final numbers of a run, from its records (also used by the model card)."""
-    records = read_metrics(run)
-    train = [r for r in records if r["type"] == "train"]
-    evals = [r for r in records if r["type"] == "eval"]
-    out = {"steps": train[-1]["step"] if train else 0, "tokens_seen": train[-1]["tokens_seen"] if train else 0}
-    if train:
-        tail = train[-min(10, len(train)) :]
-        out["train_loss"] = sum(r["loss"] for r in tail) / len(tail)  # last 10 steps: less noise
-        out["wall_s"] = train[-1]["time"] - train[0]["time"] + train[0]["step_s"]
-        out["tokens_per_s"] = sum(r["tokens_per_s"] for r in tail) / len(tail)
-    if evals:
-        out.update(val_loss=evals[-1]["val_loss"], val_bpb=evals[-1].get("val_bpb"))
-    samples = [r for r in records if r["type"] == "sample"]
-    out["samples"] = [(r["step"], r["prompt"], r["text"]) for r in samples[-3:]]
-    out["params"] = _param_counts(run)
-    return out
-
-
 def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str | Path = "report") -> Path:
+    require_extra("matplotlib", "report")
+    require_extra("markdown", "report")
     runs = [Path(r) for r in runs]
     for r in runs:
         if not (r / "metrics.jsonl").exists():
@@ -161,7 +153,7 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
     rows = []
     for r in runs:
         s = summaries[r.name]
-        p = s["params"] or {}
+        p = _param_counts(r) or {}
         rows.append([r.name, s["steps"], f"{s['tokens_seen']:,}", f"{s.get('train_loss', float('nan')):.4f}",
                      f"{s.get('val_loss', float('nan')):.4f}", f"{s.get('val_bpb') or float('nan'):.4f}",
                      f"{s.get('wall_s', 0) / 60:.1f}", f"{p.get('non_embedding', 0) / 1e6:.2f}M / {p.get('total', 0) / 1e6:.2f}M"])

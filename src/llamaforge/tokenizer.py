@@ -75,7 +75,9 @@ def load_tokenizer(name: str = MISTRAL) -> PreTrainedTokenizerFast:
     if path.exists() and not (path / "tokenizer.json").exists() and not (path / "tokenizer_config.json").exists():
         raise UserError(f"{path} holds no tokenizer files; pass --tokenizer mistral or a folder with tokenizer.json")
     try:
-        return AutoTokenizer.from_pretrained(name)
+        # trust_remote_code=False, said explicitly: a folder whose config.json has `auto_map` would
+        # otherwise make transformers ask its remote-code question (on stdout when no terminal is attached)
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except OSError as e:
         raise UserError(
             f"could not load tokenizer {name!r} ({str(e).splitlines()[0]}); offline, use --tokenizer mistral"

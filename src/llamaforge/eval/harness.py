@@ -58,7 +58,7 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | Non
         from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
     except ImportError:
-        raise UserError("lm-evaluation-harness is not installed; pip install 'lm-eval[hf]==0.4.13'") from None
+        raise UserError("lm_eval is not installed, and this needs it; pip install 'llamaforge[eval]'") from None
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               max_length=model.config.max_position_embeddings,

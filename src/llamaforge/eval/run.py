@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..cache import atomic_write_bytes
-from ..errors import UserError
+from ..errors import UserError, require_extra
 
 
 def evaluate(model_path: str, data_dir: str | None = None, text: str | None = None, tasks: list[str] = (),
@@ -25,6 +25,8 @@ def evaluate(model_path: str, data_dir: str | None = None, text: str | None = No
         raise UserError("nothing to evaluate: pass --data DIR, --text FILE and/or --tasks NAMES")
     if irt_params and not Path(irt_params).is_file():
         raise UserError(f"--irt-params {irt_params} does not exist; pass tinyBenchmarks.pkl or leave it out")
+    if tasks:  # before the model is loaded and perplexity is spent
+        require_extra("lm_eval", "eval")
     model, tok_dir = load_any(model_path)
     model = model.float().to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(str(tok_dir))

@@ -21,7 +21,7 @@ _HAS_ROPE_PARAMETERS = isinstance(getattr(PretrainedConfig, "rope_scaling", None
 
 class LlamaForgeConfig(PretrainedConfig):
     model_type = "llamaforge"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

@@ -10,6 +10,8 @@ Design decisions, up front:
 - loss with ignore_index=-100, summed and divided by `num_items_in_batch` when given, so gradient
   accumulation normalizes per token over the whole optimizer step;
 - KV cache through transformers' Cache API; a 2-D `attention_mask` (left padding) is honoured.
+  transformers renamed the cache argument and output field from `past_key_values` to `cache` (5.24):
+  both names are accepted and the cache is returned under the field the installed version has.
 Self-contained: imports nothing from llamaforge, so it travels with the weights (trust_remote_code).
 """
 
@@ -21,6 +23,17 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# The output field that holds the cache: `cache` from transformers 5.24, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+# Arguments callers (generate, pipelines, PEFT, Trainer) may pass that change nothing here.
+_IGNORED_KWARGS = {"return_dict", "output_attentions", "output_hidden_states", "cache_position", "token_type_ids"}
+
+
+def _output(loss, logits, cache) -> CausalLMOutputWithPast:
+    return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache})
 
 from .configuration_llamaforge import LlamaForgeConfig  # copied next to this file as remote code
 
@@ -246,11 +259,19 @@ class LlamaForgeForCausalLM(LlamaForgePreTrainedModel, GenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int = 0,
+        cache: Cache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """`labels` follow transformers (aligned with input_ids, shifted here); `shift_labels` are
         already the next-token targets. -100 is ignored. With `num_items_in_batch` the summed loss
-        is divided by it (per-token normalization over a whole accumulated step)."""
+        is divided by it (per-token normalization over a whole accumulated step).
+        The KV cache comes as `cache` (transformers >= 5.24) or `past_key_values` (earlier)."""
+        if cache is not None and past_key_values is not None and cache is not past_key_values:
+            raise ValueError("pass the KV cache as `cache` or `past_key_values`, not both")
+        past_key_values = cache if cache is not None else past_key_values
+        unknown = {k for k, v in kwargs.items() if v is not None and k not in _IGNORED_KWARGS}
+        if unknown:  # an input we do not read must never be dropped silently (as `cache` once was)
+            raise TypeError(f"LlamaForgeForCausalLM.forward got unexpected arguments: {sorted(unknown)}")
         use_cache = self.config.use_cache if use_cache is None and not self.training else bool(use_cache)
         h, past_key_values = self.model(input_ids, attention_mask, position_ids, past_key_values, use_cache)
         if logits_to_keep:
@@ -260,10 +281,10 @@ class LlamaForgeForCausalLM(LlamaForgePreTrainedModel, GenerationMixin):
         if shift_labels is not None and self.training:
             # training: fused head + loss, the (B, T, vocab) logits are never materialized
             loss = linear_cross_entropy(h, self.lm_head.weight, shift_labels, num_items_in_batch)
-            return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=past_key_values if use_cache else None)
+            return _output(loss, None, past_key_values if use_cache else None)
         logits = self.lm_head(h)  # (B, T, vocab)
         loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
+        return _output(loss, logits, past_key_values if use_cache else None)
 
 
 def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -312,6 +333,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None
 
 
+@torch.compiler.disable  # kept out of compiled graphs: on CUDA, torch.compile (2.11) turned the gradients
+# this Function forms in its forward pass into zeros (seen on an H100: the compiled run never learned)
 def linear_cross_entropy(h, weight, targets, num_items_in_batch=None, chunk: int = 1024) -> torch.Tensor:
     """Loss of lm_head(h) against (B, T) targets; mean over targets, or sum / num_items_in_batch."""
     total = _LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten().to(h.device), chunk)

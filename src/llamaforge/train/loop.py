@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, save_config
-from ..errors import UserError
+from ..errors import UserError, require_extra
 from ..models import save_model
 from . import checkpoint as ckpt
 from .distributed import Dist, setup, teardown, unwrap, wrap
@@ -95,6 +95,10 @@ def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
                         f"= {t.micro_batch} x {t.seq_len} x {world} = {per_micro}; change --batch-tokens or micro_batch")
     if t.max_steps <= 0 or t.lr <= 0:
         raise UserError("max_steps and lr must be positive")
+    if t.wandb:
+        require_extra("wandb", "wandb")
+    if t.tensorboard:
+        require_extra("tensorboard", "tensorboard")
 
 
 def _install_sigterm():
@@ -154,6 +158,7 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     if step == 0 and d.main:
         (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     metrics = MetricsLogger(run_dir, enabled=d.main, wandb_project=t.wandb_project if t.wandb else None,
+                            tensorboard=t.tensorboard is not False,
                             config=asdict(cfg), truncate_after_step=step)
     metrics.log("event", step, event="started", device=device_name(device), world=d.world,
                 precision="bf16 autocast" if uses_bf16(device) else "fp32", fsdp=sharded)

@@ -66,7 +66,7 @@ def train_flops_per_token(config, seq_len: int) -> float:
 
 class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, wandb_project: str | None = None, config: dict | None = None,
-                 truncate_after_step: int | None = None):
+                 truncate_after_step: int | None = None, tensorboard: bool = True):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb = self.wandb = None
@@ -75,19 +75,17 @@ class MetricsLogger:
         if truncate_after_step is not None and self.path.exists():
             self._truncate(truncate_after_step)
         self.file = open(self.path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-        except ImportError:
-            pass
-        if wandb_project:
+        if tensorboard:  # used when installed; a run that requires it was refused up front without it
             try:
-                import wandb
+                from torch.utils.tensorboard import SummaryWriter
 
-                self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {})
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
             except ImportError:
-                log.warning("wandb is not installed; pip install wandb (metrics still go to metrics.jsonl)")
+                pass
+        if wandb_project:  # installed: checked up front (llamaforge[wandb])
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {})
 
     def _truncate(self, step: int) -> None:
         """Drop records past the checkpoint we resume from: the resumed run writes them again."""

@@ -1,0 +1,133 @@
+"""`make gpu-check` / `python -m benchmarks.gpu_check`: does llamaforge's GPU path work on this machine?
+
+On a CUDA machine: the flash SDPA kernel accepts our attention call (bf16, causal, GQA and not);
+`llama-150m` trains STEPS steps through the ordinary `llamaforge train` code with torch.compile off
+and on (losses must agree within bf16 tolerance); peak memory, tokens/s and MFU are printed (MFU
+against the GPU's spec bf16 peak when known, else a labelled measured matmul). Exits 1 on any
+mismatch or failure. On a machine without CUDA it says so and exits 0.
+
+    python -m benchmarks.gpu_check --data DATA_DIR [--steps 50] [--micro-batch 64]
+
+DATA_DIR is a folder written by `llamaforge prepare` (default: prepare the offline sample corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), TFLOP/s
+SPEC_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
+                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+
+
+def spec_peak(name: str) -> float | None:
+    for key in sorted(SPEC_BF16_TFLOPS, key=len, reverse=True):  # most specific first
+        if key in name:
+            return SPEC_BF16_TFLOPS[key] * 1e12
+    return None
+
+
+def check_flash(fail: list[str]) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    for n_kv in (12, 4):  # MHA as in llama-150m, and GQA
+        q = torch.randn(4, 12, 256, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(4, n_kv, 256, 64, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        try:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv != 12)
+            print(f"flash SDPA: eligible (heads 12, kv heads {n_kv})")
+        except RuntimeError as e:
+            fail.append(f"flash SDPA not eligible with kv heads {n_kv}: {str(e).splitlines()[0]}")
+
+
+def train_run(data: str, out: Path, steps: int, micro: int, compile_: bool) -> dict:
+    from llamaforge.config import load_config
+    from llamaforge.train.loop import pretrain
+    from llamaforge.train.metrics import read_metrics, train_flops_per_token
+
+    over = [f"train.max_steps={steps}", f"train.micro_batch={micro}", f"train.batch_tokens={micro * 256 * 2}",
+            f"train.compile={str(compile_).lower()}", "train.eval_every=0", f"train.save_every={steps}",
+            "train.warmup_steps=10", "train.sample_prompt=''", "train.eval_tokens=65536"]
+    cfg = load_config("llama-150m", overrides=over)
+    torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    pretrain(cfg, data, out, progress=False)
+    wall = time.perf_counter() - t0
+    recs = [r for r in read_metrics(out) if r["type"] == "train"]
+    steady = recs[len(recs) // 5 :]  # after compilation and warm-up
+    tps = statistics.median(r["tokens_per_s"] for r in steady)
+    from llamaforge.models import load_model
+
+    flops = train_flops_per_token(load_model(out / "final").config, 256)
+    return {"losses": [r["loss"] for r in recs], "tokens_per_s": tps, "flops_per_s": tps * flops, "wall_s": wall,
+            "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "start": next((r for r in read_metrics(out) if r.get("event") == "started"), {})}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", help="a prepared data folder (default: prepare the offline sample corpus)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--json", help="append the results to this JSONL file")
+    a = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device on this machine; nothing to check (exit 0)")
+        return 0
+    name = torch.cuda.get_device_name()
+    print(f"gpu-check on {name} x {torch.cuda.device_count()}, torch {torch.__version__}")
+    fail: list[str] = []
+    check_flash(fail)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = a.data
+        if data is None:
+            from llamaforge.data.prepare import prepare
+
+            data = str(Path(tmp) / "data")
+            prepare("sample", data, progress=False)
+        runs = {}
+        for compile_ in (False, True):
+            label = "compile" if compile_ else "eager"
+            try:
+                runs[label] = r = train_run(data, Path(tmp) / label, a.steps, a.micro_batch, compile_)
+            except Exception as e:  # noqa: BLE001 - a check reports every failure and goes on
+                fail.append(f"{label} training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                continue
+            peak = spec_peak(name)
+            mfu = f"{r['flops_per_s'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s spec bf16 peak" if peak else "spec peak unknown"
+            print(f"{label:>8}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, peak memory {r['peak_gb']:.1f} GB, "
+                  f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, wall {r['wall_s']:.0f} s, "
+                  f"precision {r['start'].get('precision')}")
+        if len(runs) == 2:
+            e, c = runs["eager"]["losses"], runs["compile"]["losses"]
+            worst = max(abs(x - y) for x, y in zip(e, c))
+            print(f"eager vs compile: largest per-step loss difference {worst:.4f} over {len(e)} steps")
+            if len(e) != len(c) or worst > 0.05 * max(e[0], 1.0):
+                fail.append(f"eager and compiled losses disagree (largest difference {worst:.4f})")
+            if not e[-1] < e[0] - 1.0:
+                fail.append(f"the loss did not fall: {e[0]:.3f} -> {e[-1]:.3f}")
+    if torch.cuda.device_count() < 2:
+        print("DDP / FSDP2 against one GPU: skipped (needs 2+ GPUs)")
+    if a.json:
+        with open(a.json, "a") as f:
+            f.write(json.dumps({"device": name, "torch": torch.__version__, "failures": fail,
+                                **{k: {kk: vv for kk, vv in v.items() if kk != "start"} for k, v in runs.items()}}) + "\n")
+    for line in fail:
+        print(f"gpu-check: FAIL: {line}")
+    print("gpu-check: " + ("FAILED" if fail else "passed"))
+    return 1 if fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
