@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from llamaforge.train.metrics import device_name, train_flops_per_token
+from llamaforge.train.metrics import device_name, matmul_peak_flops, train_flops_per_token
 
 REGISTRY = {}
 
@@ -23,19 +23,6 @@ REGISTRY = {}
 def benchmark(fn):
     REGISTRY[fn.__name__] = fn
     return fn
-
-
-def matmul_peak_gflops(n: int = 2048, reps: int = 10) -> float:
-    """fp32 matmul throughput of this machine right now (the 'peak' MFU is measured against)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best / 1e9
 
 
 def interleaved(fns: dict, warmup: int, reps: int) -> dict[str, float]:
@@ -72,7 +59,7 @@ def train_step(args) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llamaforge.config import ModelConfig
-    from llamaforge.models import build_model
+    from llamaforge.model.io import build_model
     from llamaforge.train.optim import build_optimizer
     from llamaforge.train.step import train_step as our_train_step
 
@@ -94,7 +81,7 @@ def train_step(args) -> dict:
         ref_opt.step()
         ref_opt.zero_grad(set_to_none=True)
 
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_flops(torch.device("cpu"), torch.float32) / 1e9  # GFLOP/s, the same probe as MFU
     t = interleaved({"ours": lambda: our_train_step(ours, our_opt, [(inputs, targets)]), "ref": ref_step}, args.warmup, args.reps)
     tokens = B * T
     flops = train_flops_per_token(ours.config, T) * tokens
@@ -114,8 +101,8 @@ def decode(args) -> dict:
     from transformers import LlamaForCausalLM
 
     from llamaforge.config import ModelConfig
-    from llamaforge.convert import to_llama
-    from llamaforge.models import build_model, save_model
+    from llamaforge.model.convert import to_llama
+    from llamaforge.model.io import build_model, save_model
 
     ours = build_model(ModelConfig(**BENCH_MODEL)).eval()
     with tempfile.TemporaryDirectory() as tmp:

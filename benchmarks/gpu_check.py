@@ -54,7 +54,7 @@ def check_flash(fail: list[str]) -> None:
 def train_run(data: str, out: Path, steps: int, micro: int, compile_: bool) -> dict:
     from llamaforge.config import load_config
     from llamaforge.train.loop import pretrain
-    from llamaforge.train.metrics import read_metrics, train_flops_per_token
+    from llamaforge.runs import read_metrics, train_flops_per_token
 
     over = [f"train.max_steps={steps}", f"train.micro_batch={micro}", f"train.batch_tokens={micro * 256 * 2}",
             f"train.compile={str(compile_).lower()}", "train.eval_every=0", f"train.save_every={steps}",
@@ -67,7 +67,7 @@ def train_run(data: str, out: Path, steps: int, micro: int, compile_: bool) -> d
     recs = [r for r in read_metrics(out) if r["type"] == "train"]
     steady = recs[len(recs) // 5 :]  # after compilation and warm-up
     tps = statistics.median(r["tokens_per_s"] for r in steady)
-    from llamaforge.models import load_model
+    from llamaforge.model.io import load_model
 
     flops = train_flops_per_token(load_model(out / "final").config, 256)
     return {"losses": [r["loss"] for r in recs], "tokens_per_s": tps, "flops_per_s": tps * flops, "wall_s": wall,

@@ -3,7 +3,7 @@
 import os
 
 
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, micro, run_cli
 
 
 def front_matter(text):
@@ -39,9 +39,7 @@ def test_card_of_a_short_run_with_eval(tmp_path):
                                               for i in range(300)))
     prepare(str(tmp_path / "c.jsonl"), tmp_path / "d", val_fraction=0.1, workers=0, progress=False)
     run = tmp_path / "run"
-    run_cli("train", "--data", tmp_path / "d", "--out", run, "--preset", "tiny", "--model.hidden_size", "32",
-            "--model.intermediate_size", "64", "--model.num_hidden_layers", "1", "--model.num_attention_heads", "2",
-            "--model.num_key_value_heads", "1", "--max-steps", "3", "--eval-every", "3", "--batch-tokens", "1024",
+    run_cli("train", "--data", tmp_path / "d", "--out", run, "--preset", "tiny", *micro(), "--max-steps", "3", "--eval-every", "3", "--batch-tokens", "1024",
             "--train.micro_batch", "4", "--train.eval_tokens", "512", check_rc=0)
     card = (run / "final" / "README.md").read_text()
     assert "## Pretraining" in card and "Steps: 3" in card and "validation loss" in card

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 FRESH = """
 import json, sys, torch
@@ -55,7 +55,7 @@ def test_init_writes_a_complete_hf_folder(init_dir):
 
 @pytest.mark.compat
 def test_fresh_process_loads_with_trust_remote_code(init_dir):
-    from llamaforge.models import load_model
+    from llamaforge.model.io import load_model
 
     got = fresh_load(init_dir)
     assert got["missing"] == [] and got["unexpected"] == []
@@ -73,7 +73,7 @@ def test_export_llama_loads_in_plain_transformers_and_back(init_dir, tmp_path):
     assert not any(n.endswith(".py") for n in os.listdir(out))
     got = fresh_load(out, loader="LlamaForCausalLM", kw="dict()")
     assert got["missing"] == [] and got["name"] == "LlamaForCausalLM"
-    from llamaforge.models import load_model
+    from llamaforge.model.io import load_model
 
     with torch.no_grad():
         ours = load_model(init_dir)(torch.tensor([got["ids"]])).logits[0, -1, :8]

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel, LlamaForCausalLM
 
-from conftest import small_config
-from llamaforge.convert import to_gpt2, to_llama
-from llamaforge.models import build_model
+from helpers import small_config
+from llamaforge.model.convert import to_gpt2, to_llama
+from llamaforge.model.io import build_model
 
 pytestmark = pytest.mark.compat
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 from llamaforge.data.loader import TokenWindows
 from llamaforge.data.prepare import open_split, prepare, read_meta
 
@@ -145,30 +145,36 @@ def test_killed_prepare_leaves_no_finished_looking_folder(tmp_path):
     assert read_meta(out) == meta and not list(tmp_path.glob(".d.tmp-*"))
 
 
+def win(pair):
+    """(inputs, targets) -> the (b, T + 1) token windows they were cut from."""
+    x, y = pair
+    return np.concatenate([x.numpy(), y[:, -1:].numpy()], axis=1)
+
+
 def test_loader_visits_every_window_once_per_epoch():
     tokens = np.arange(10 * 8 + 1, dtype=np.uint16)  # 10 windows of 8 (+1)
     loader = TokenWindows(tokens, seq_len=8, seqs_per_step=2, seed=3)
-    seen = [tuple(row[:1]) for _ in range(5) for row in loader.next_batch()]
+    seen = [tuple(row[:1]) for _ in range(5) for row in win(loader.next_batch())]
     assert sorted(s[0] for s in seen) == [i * 8 for i in range(10)]
-    batch = TokenWindows(tokens, 8, 2, seed=3).next_batch()
+    batch = win(TokenWindows(tokens, 8, 2, seed=3).next_batch())
     assert np.array_equal(batch[:, 1:] - batch[:, :-1], np.ones((2, 8)))  # contiguous windows of 9 tokens
-    second = [row[0] for _ in range(5) for row in loader.next_batch()]
+    second = [row[0] for _ in range(5) for row in win(loader.next_batch())]
     assert sorted(second) == [i * 8 for i in range(10)] and second != [s[0] for s in seen]
 
 
 def test_loader_resumes_exactly_and_shards_without_overlap():
     tokens = np.arange(37 * 16 + 1, dtype=np.uint16)
     straight = TokenWindows(tokens, 16, 4, seed=7)
-    batches = [straight.next_batch() for _ in range(20)]  # crosses epoch boundaries (37 windows)
+    batches = [win(straight.next_batch()) for _ in range(20)]  # crosses epoch boundaries (37 windows)
     first = TokenWindows(tokens, 16, 4, seed=7)
     for _ in range(7):
         first.next_batch()
     resumed = TokenWindows(tokens, 16, 4, seed=7)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     for b in batches[7:]:
-        assert np.array_equal(resumed.next_batch(), b)
+        assert np.array_equal(win(resumed.next_batch()), b)
     ranks = [TokenWindows(tokens, 16, 4, rank=r, world=2, seed=7) for r in range(2)]
     for b in batches:
-        assert np.array_equal(np.concatenate([r.next_batch() for r in ranks]), b)
+        assert np.array_equal(np.concatenate([win(r.next_batch()) for r in ranks]), b)
     with pytest.raises(Exception, match="seq_len"):
         TokenWindows(tokens, 8, 4, seed=7).load_state_dict(first.state_dict())

@@ -1,6 +1,6 @@
 """A reduced `llamaforge demo` end to end: every step runs, the last line is the report's path."""
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_quick_demo_end_to_end(tmp_path):

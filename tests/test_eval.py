@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, run_cli
 
 QUESTIONS = [
     ("What is the capital of France?", ["Berlin", "Paris", "Rome", "Madrid"], 1),
@@ -61,7 +61,7 @@ def hand_logliks(model, tok, rows):
 
 def test_perplexity_is_exp_of_mean_token_loss(model_dir, tmp_path, mistral):
     from llamaforge.eval.perplexity import perplexity_on_text
-    from llamaforge.models import load_model
+    from llamaforge.model.io import load_model
 
     text = "The quick brown fox jumps over the lazy dog. " * 40
     path = tmp_path / "t.txt"
@@ -86,7 +86,7 @@ def test_perplexity_is_exp_of_mean_token_loss(model_dir, tmp_path, mistral):
 def test_lm_eval_api_matches_hand_loglikelihoods(model_dir, local_task, mistral):
     pytest.importorskip("lm_eval")
     from llamaforge.eval.harness import run_tasks
-    from llamaforge.models import load_model
+    from llamaforge.model.io import load_model
 
     folder, rows = local_task
     model = load_model(model_dir)
@@ -102,7 +102,7 @@ def test_lm_eval_api_matches_hand_loglikelihoods(model_dir, local_task, mistral)
 @pytest.mark.compat
 def test_course_lm_eval_command_on_exported_folder(model_dir, local_task, mistral, tmp_path):
     pytest.importorskip("lm_eval")
-    from llamaforge.models import load_model
+    from llamaforge.model.io import load_model
 
     folder, rows = local_task
     out = tmp_path / "out"

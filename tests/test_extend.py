@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
-from llamaforge.convert import to_llama
-from llamaforge.extend import interpolate
+from helpers import assert_user_error, micro, run_cli
+from llamaforge.model.convert import to_llama
+from llamaforge.workflows.extend import interpolate
 
 
 def test_interpolated_model_matches_llama_with_linear_rope_scaling_at_1024(small_model):
@@ -51,10 +51,8 @@ def test_extend_cli_fine_tunes_and_writes_the_evidence(tmp_path):
     (tmp_path / "c.jsonl").write_text("".join(
         json.dumps({"text": " ".join(words[(i + j) % 12] for j in range(300))}) + "\n" for i in range(120)))
     prepare(str(tmp_path / "c.jsonl"), tmp_path / "d", val_fraction=0.1, workers=0, progress=False)
-    micro = ["--model.hidden_size", "32", "--model.intermediate_size", "64", "--model.num_hidden_layers", "1",
-             "--model.num_attention_heads", "2", "--model.num_key_value_heads", "1", "--model.max_position_embeddings",
-             "32", "--train.seq_len", "32"]
-    run_cli("train", "--data", tmp_path / "d", "--out", tmp_path / "pre", "--preset", "tiny", *micro, "--max-steps", "4",
+    run_cli("train", "--data", tmp_path / "d", "--out", tmp_path / "pre", "--preset", "tiny", *micro(positions=32),
+            "--train.seq_len", "32", "--max-steps", "4",
             "--batch-tokens", "512", "--train.micro_batch", "8", "--eval-every", "0", check_rc=0)
     run_cli("extend", "--model", tmp_path / "pre", "--data", tmp_path / "d", "--out", tmp_path / "ext", "--seq-len",
             "128", "--preset", "tiny-extend", "--max-steps", "2", "--batch-tokens", "512", "--train.micro_batch", "2",

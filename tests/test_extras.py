@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import assert_user_error
+from helpers import assert_user_error, micro
 
 HIDDEN = ["matplotlib", "markdown", "lm_eval", "tensorboard", "wandb"]
 BLOCKER = """
@@ -17,9 +17,7 @@ import sys
 for name in {hidden!r}:
     sys.modules[name] = None  # `import name` raises ModuleNotFoundError; importlib.util.find_spec gives None
 """
-MICRO = ["--model.hidden_size", "32", "--model.intermediate_size", "64", "--model.num_hidden_layers", "1",
-         "--model.num_attention_heads", "2", "--model.num_key_value_heads", "1", "--model.max_position_embeddings", "64",
-         "--train.seq_len", "32", "--train.micro_batch", "2", "--train.eval_tokens", "256", "--train.warmup_steps", "1",
+MICRO = [*micro(positions=64), "--train.seq_len", "32", "--train.micro_batch", "2", "--train.eval_tokens", "256", "--train.warmup_steps", "1",
          "--train.sample_prompt", "The", "--batch-tokens", "128", "--max-steps", "3", "--eval-every", "3"]
 
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli, small_config
+from helpers import assert_user_error, micro, run_cli, small_config
 from llamaforge.config import load_config
-from llamaforge.convert import from_gpt2, to_gpt2
-from llamaforge.models import build_model, count_parameters
+from llamaforge.model.convert import from_gpt2, to_gpt2
+from llamaforge.model.io import build_model, count_parameters
 
 GPT2 = dict(hidden_act="gelu_new", norm_type="layernorm", position_embedding_type="learned", attention_bias=True,
             mlp_bias=True, tie_word_embeddings=True, num_key_value_heads=4)
@@ -48,8 +48,7 @@ def test_export_import_and_train_loop(tmp_path):
                                               for i in range(200)))
     prepare(str(tmp_path / "c.jsonl"), tmp_path / "d", val_fraction=0.1, workers=0, progress=False)
     run = tmp_path / "run"
-    run_cli("train", "--data", tmp_path / "d", "--out", run, "--preset", "gpt2-tiny", "--model.hidden_size", "32",
-            "--model.intermediate_size", "64", "--model.num_hidden_layers", "1", "--max-steps", "6",
+    run_cli("train", "--data", tmp_path / "d", "--out", run, "--preset", "gpt2-tiny", *micro(heads=4, kv_heads=4), "--max-steps", "6",
             "--eval-every", "3", "--batch-tokens", "1024", "--train.micro_batch", "4", "--train.eval_tokens", "512",
             "--lr", "1e-2", check_rc=0)
     losses = [json.loads(x)["loss"] for x in (run / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
@@ -58,7 +57,7 @@ def test_export_import_and_train_loop(tmp_path):
     assert json.loads((tmp_path / "gpt2" / "config.json").read_text())["model_type"] == "gpt2"
     from transformers import GPT2LMHeadModel
 
-    from llamaforge.models import load_model
+    from llamaforge.model.io import load_model
 
     ids = torch.randint(0, 32000, (1, 20))
     with torch.no_grad():

@@ -7,8 +7,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
-from llamaforge.convert import from_llama, to_llama
-from llamaforge.hf.modeling_llamaforge import FeedForward, RMSNorm, apply_rope, rope_cos_sin
+from llamaforge.model.convert import from_llama, to_llama
+from llamaforge.model.hf.modeling_llamaforge import FeedForward, RMSNorm, apply_rope, rope_cos_sin
 
 
 @pytest.mark.compat
@@ -129,7 +129,7 @@ def test_left_padded_batch_generates_like_each_prompt_alone(small_model):
 
 
 def test_bad_config_is_refused():
-    from llamaforge.hf.configuration_llamaforge import LlamaForgeConfig
+    from llamaforge.model.hf.configuration_llamaforge import LlamaForgeConfig
 
     with pytest.raises(ValueError, match="divisible"):
         LlamaForgeConfig(hidden_size=100, num_attention_heads=3)
@@ -140,7 +140,7 @@ def test_bad_config_is_refused():
 @pytest.mark.parametrize("tied", [False, True])
 def test_fused_training_loss_matches_plain_cross_entropy(small_model, ids, tied):
     """Training mode uses the chunked head + loss; values and gradients equal lm_head + F.cross_entropy."""
-    from llamaforge.hf.modeling_llamaforge import linear_cross_entropy
+    from llamaforge.model.hf.modeling_llamaforge import linear_cross_entropy
 
     m = small_model(tie_word_embeddings=tied)
     targets = ids.roll(-1, 1)

@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, micro, run_cli
 from llamaforge.data.sft import CHAT_TEMPLATE, SFTBatches, tokenize_conversations
-from llamaforge.hf.modeling_llamaforge import causal_lm_loss
+from llamaforge.model.hf.modeling_llamaforge import causal_lm_loss
 
 CONV = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2+2?"},
                      {"role": "assistant", "content": "4."}, {"role": "user", "content": "And 3+3?"},
@@ -47,7 +47,7 @@ def test_only_assistant_tokens_are_targets_and_get_gradient(tmp_path, tok, small
 def test_template_round_trips_through_plain_transformers(tmp_path, tok, small_model):
     from transformers import AutoTokenizer
 
-    from llamaforge.models import save_model
+    from llamaforge.model.io import save_model
 
     save_model(small_model(vocab_size=32000), tok, tmp_path / "m")
     again = AutoTokenizer.from_pretrained(tmp_path / "m", trust_remote_code=True)
@@ -77,17 +77,15 @@ QA = [(f"What is the code word for {w}?", f"The code word for {w} is {c}.") for 
 def test_tiny_model_learns_to_answer_and_stop(tmp_path):
     data = write(tmp_path / "qa.jsonl", [{"prompt": q, "response": a} for q, a in QA] * 4)
     init = tmp_path / "init"
-    run_cli("init", "--preset", "tiny", "--out", init, "--model.hidden_size", "64", "--model.intermediate_size",
-            "128", "--model.num_hidden_layers", "2", "--model.num_attention_heads", "2", "--model.num_key_value_heads",
-            "1", check_rc=0)
+    run_cli("init", "--preset", "tiny", "--out", init, *micro(hidden=64, layers=2), check_rc=0)
     done = run_cli("sft", "--model", init, "--data", data, "--out", tmp_path / "run", "--max-steps", "300",
                    "--lr", "3e-3", "--batch-tokens", "2048", "--train.seq_len", "64", "--train.micro_batch", "32",
                    "--eval-every", "150", "--val-fraction", "0", check_rc=0)
     assert "32 used" in done.stdout
     evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r["type"] == "eval" for r in evals)
-    from llamaforge.generate import generate
-    from llamaforge.models import load_model
+    from llamaforge.workflows.generate import generate
+    from llamaforge.model.io import load_model
     from llamaforge.tokenizer import load_tokenizer
 
     final = tmp_path / "run" / "final"
@@ -126,13 +124,11 @@ def test_sft_resumes_exactly(tmp_path):
     """A fine-tune that lost its last checkpoint resumes from the previous one with the same losses."""
     import shutil
 
-    from llamaforge.train.metrics import read_metrics
+    from llamaforge.runs import read_metrics
 
     data = write(tmp_path / "qa.jsonl", [{"prompt": q, "response": a} for q, a in QA] * 2)
     init = tmp_path / "init"
-    run_cli("init", "--preset", "tiny", "--out", init, "--model.hidden_size", "32", "--model.intermediate_size", "64",
-            "--model.num_hidden_layers", "1", "--model.num_attention_heads", "2", "--model.num_key_value_heads", "1",
-            check_rc=0)
+    run_cli("init", "--preset", "tiny", "--out", init, *micro(), check_rc=0)
     args = ["sft", "--model", init, "--data", data, "--out", tmp_path / "run", "--max-steps", "6", "--save-every", "3",
             "--batch-tokens", "256", "--train.seq_len", "64", "--train.micro_batch", "2", "--eval-every", "3"]
     run_cli(*args, check_rc=0)

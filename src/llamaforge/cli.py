@@ -8,80 +8,63 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
+from transformers.utils import logging as hf_logging
+
+from .config import load_config
+from .data.prepare import prepare
 from .errors import UserError
+from .runs import positions_path
+from .workflows.demo import report_path as demo_report_path
+from .workflows.demo import steps as demo_steps
+from .workflows.evaluate import evaluate, format_table
+from .workflows.export import export_model
+from .workflows.extend import extend
+from .workflows.generate import generate, load_for_generation
+from .workflows.init import init_model
+from .workflows.pretrain import pretrain
+from .workflows.push import push
+from .workflows.report import make_report
+from .workflows.sft import sft
 
 
 def _fmt(n: int) -> str:
     return f"{n / 1e6:.2f}M"
 
 
-def cmd_init(args) -> None:
-    from .config import load_config
-    from .card import model_records
-    from .models import build_model, count_parameters, save_model
-    from .tokenizer import load_tokenizer
+def _split(value: str | None) -> list[str]:
+    return [x for x in (value or "").split(",") if x]
 
+
+def cmd_init(args) -> None:
     cfg = load_config(args.preset, args.config, args.overrides)
-    tok = load_tokenizer(args.tokenizer or cfg.tokenizer)
-    model = build_model(cfg.model, tok, seed=args.seed)
-    save_model(model, tok, args.out, model_records(model, args.tokenizer or cfg.tokenizer))
-    n = count_parameters(model)
+    n = init_model(cfg, args.out, tokenizer=args.tokenizer, seed=args.seed)
     print(f"parameters: total {_fmt(n['total'])}, non-embedding {_fmt(n['non_embedding'])}")
     print(args.out)
 
 
 def cmd_export(args) -> None:
-    from .card import model_records, read_records
-    from .models import export, load_any
-
-    model, tok_dir = load_any(args.model)
-    evals = [_read_json(e) for e in args.eval or []]
-    previous = read_records(tok_dir) or {}
-    records = model_records(model, previous.get("tokenizer", "see tokenizer files"), evals=evals, previous=previous)
-    export(model, str(tok_dir), args.out, args.format, records)
-    print(args.out)
-
-
-def _read_json(path: str) -> dict:
-    import json
-
-    if not Path(path).is_file():
-        raise UserError(f"{path} does not exist; pass a results file from `llamaforge eval --out`")
-    return json.loads(Path(path).read_text())
+    print(export_model(args.model, args.out, fmt=args.format, evals=args.eval or []))
 
 
 def cmd_generate(args) -> None:
-    from .generate import generate
-    from .models import load_model
-    from .tokenizer import load_tokenizer
-
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    if not prompts:
-        raise UserError("no prompt: pass --prompt TEXT (repeatable) or lines on stdin")
-    model, tok = load_model(args.model), load_tokenizer(args.model)
-    if args.chat:
-        if not tok.chat_template:
-            raise UserError(f"{args.model} has no chat template; fine-tune it with `llamaforge sft` or drop --chat")
-        prompts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                   .removeprefix(tok.bos_token) for p in prompts]
+    model, tok, prompts = load_for_generation(args.model, prompts, chat=args.chat)
     stream = len(prompts) == 1
     if stream:
         print(prompts[0], end="", flush=True)
-    outs = generate(
-        model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed, stream=stream,
-    )
+    outs = generate(model, tok, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                    stream=stream)
     if not stream:
         for p, o in zip(prompts, outs):
             print(f"--- {p}{o}")
 
 
 def cmd_prepare(args) -> None:
-    from .data.prepare import prepare
-
     meta = prepare(args.source, args.out, tokenizer=args.tokenizer, val_fraction=args.val_fraction,
                    workers=args.workers, text_field=args.text_field, force=args.force)
     sp = meta["splits"]
@@ -102,46 +85,32 @@ def _train_overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> None:
-    from .config import load_config
-    from .train.loop import pretrain
-
     cfg = load_config(args.preset, args.config, _train_overrides(args))
-    final = pretrain(cfg, args.data, args.out, resume=args.resume)
-    print(final)
+    print(pretrain(cfg, args.data, args.out, resume=args.resume))
 
 
 def cmd_extend(args) -> None:
-    from .config import load_config
-    from .extend import extend
-
     cfg = load_config(args.preset, args.config, _train_overrides(args))
-    final = extend(cfg, args.model, args.data, args.out, args.seq_len, args.factor, resume=args.resume)
-    print(Path(args.out) / "positions.json")
+    final = extend(cfg, args.model, args.data, args.out, seq_len=args.seq_len, factor=args.factor, resume=args.resume)
+    print(positions_path(Path(args.out)))
     print(final)
 
 
 def cmd_eval(args) -> None:
-    from .eval.run import evaluate, format_table
-
-    split = lambda v: [x for x in (v or "").split(",") if x]  # noqa: E731
-    result = evaluate(args.model, args.data, args.text, split(args.tasks), args.limit, split(args.subjects) or None,
-                      args.include_path, args.irt_params, args.batch_size, args.out, args.log_samples,
-                      args.max_tokens)
+    result = evaluate(args.model, data_dir=args.data, text=args.text, tasks=_split(args.tasks), limit=args.limit,
+                      subjects=_split(args.subjects) or None, include_path=args.include_path,
+                      irt_params=args.irt_params, batch_size=args.batch_size, out=args.out,
+                      samples_dir=args.log_samples, max_tokens=args.max_tokens)
     print(format_table(result))
     if args.out:
         print(args.out)
 
 
 def cmd_report(args) -> None:
-    from .report import make_report
-
     print(make_report(args.run, args.eval or [], args.out))
 
 
 def cmd_sft(args) -> None:
-    from .config import load_config
-    from .sft import sft
-
     preset = args.preset or (None if args.config else "tiny-sft")
     cfg = load_config(preset, args.config, _train_overrides(args))
     final, stats = sft(cfg, args.model, args.data, args.out, strict=args.strict, val_fraction=args.val_fraction,
@@ -152,17 +121,17 @@ def cmd_sft(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    from .demo import demo
-
-    report = demo(args.out, quick=args.quick, echo=lambda line: print(line, flush=True))
-    print(report)
+    """Replay the demo's steps through this CLI's own entry point, each printed first."""
+    for argv in demo_steps(Path(args.out), args.quick):
+        print(f"\n$ llamaforge {shlex.join(argv)}", flush=True)
+        code = main(argv)
+        if code != 0:
+            raise UserError(f"step `llamaforge {argv[0]}` failed (exit {code}); fix it and rerun the printed command")
+    print(demo_report_path(Path(args.out)))
 
 
 def cmd_push(args) -> None:
-    from .push import push
-
-    url = push(args.model, args.repo, private=args.private, revision=args.revision, fmt=args.format)
-    print(url)
+    print(push(args.model, args.repo, private=args.private, revision=args.revision, fmt=args.format))
 
 
 def _train_args(p: argparse.ArgumentParser, preset_help: str) -> None:
@@ -310,10 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(rest)
         args.overrides = overrides
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-        if not args.verbose:
-            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-            from transformers.utils import logging as hf_logging
-
+        if not args.verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
+            hf_logging.set_verbosity_error()  # transformers' load reports and notices are not ours to show
             hf_logging.disable_progress_bar()
         args.func(args)
     except UserError as e:

@@ -6,7 +6,8 @@ hand-written parser lives here. A preset is the name of a YAML file in `configs/
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import inspect
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -14,31 +15,23 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
+from .fsutil import atomic_write_bytes
+from .model.hf.configuration_llamaforge import LlamaForgeConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
-@dataclass
-class ModelConfig:
-    """Field names of transformers' LlamaConfig (see hf/configuration_llamaforge.py)."""
-
-    vocab_size: int = 32000
-    hidden_size: int = 256
-    intermediate_size: int = 688
-    num_hidden_layers: int = 4
-    num_attention_heads: int = 4
-    num_key_value_heads: int = 2
-    max_position_embeddings: int = 256
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-5
-    tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
-    # architecture switches: LLaMA by default; GPT-2 = gelu_new, layernorm, learned, biases on
-    hidden_act: str = "silu"
-    norm_type: str = "rmsnorm"
-    position_embedding_type: str = "rope"
-    attention_bias: bool = False
-    mlp_bias: bool = False
+# The model section IS the Hugging Face config's fields, with its defaults: one set of defaults, kept
+# in model/hf/configuration_llamaforge.py. (Token ids, use_cache and rope scaling are set by the
+# tokenizer and by `extend`, not by a preset.)
+_HF_DEFAULTS = {k: p.default for k, p in inspect.signature(LlamaForgeConfig.__init__).parameters.items()}
+_MODEL_FIELDS = [("vocab_size", int), ("hidden_size", int), ("intermediate_size", int), ("num_hidden_layers", int),
+                 ("num_attention_heads", int), ("num_key_value_heads", Optional[int]), ("max_position_embeddings", int),
+                 ("rope_theta", float), ("rms_norm_eps", float), ("tie_word_embeddings", bool),
+                 ("initializer_range", float), ("hidden_act", str), ("norm_type", str),
+                 ("position_embedding_type", str), ("attention_bias", bool), ("mlp_bias", bool)]
+ModelConfig = make_dataclass("ModelConfig", [(n, t, field(default=_HF_DEFAULTS[n])) for n, t in _MODEL_FIELDS])
+ModelConfig.__doc__ = "The `model:` section: LlamaForgeConfig's own field names and defaults (LLaMA unless switched to GPT-2)."
 
 
 @dataclass
@@ -107,8 +100,6 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
 
 def validate_model(m: ModelConfig) -> None:
     """The model config class itself checks consistency; its ValueError becomes a one-line UserError."""
-    from .hf.configuration_llamaforge import LlamaForgeConfig
-
     try:
         LlamaForgeConfig(**model_kwargs(m))
     except ValueError as e:
@@ -116,8 +107,6 @@ def validate_model(m: ModelConfig) -> None:
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:
-    from .cache import atomic_write_bytes
-
     atomic_write_bytes(path, OmegaConf.to_yaml(OmegaConf.structured(cfg)).encode())
 
 

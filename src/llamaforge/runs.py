@@ -1,17 +1,99 @@
-"""What a run directory holds, read back: the final numbers of a run from its metrics.jsonl.
+"""THE run-directory layout: the one module that knows where things live in RUN_DIR.
 
-Used by the model card and the report; needs no optional extra (no matplotlib).
+    RUN_DIR/
+      config.yaml                 the run's configuration (written once it has been checked)
+      metrics.jsonl               one JSON record per line: train / eval / sample / event
+      tokenizer/                  the tokenizer, so checkpoints load on their own
+      checkpoints/step_N/         model.safetensors, optimizer.pt, rng.pt, state.json (train/checkpoint.py)
+      final/                      the Hugging Face folder of the finished run (model/io.py)
+      positions.json              `extend` only: loss by position, the long-context evidence
+
+Also here: what a run was trained from (`RunRecord`, stored in every checkpoint and in the model
+card), reading metrics back, a run's final numbers, and resolving a `--model` argument (a model
+folder, a run directory or a checkpoint) to where its weights and tokenizer are.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .train.metrics import read_metrics
+from .errors import UserError
+
+CONFIG, METRICS, TOKENIZER, CHECKPOINTS, FINAL, POSITIONS, STATE = (
+    "config.yaml", "metrics.jsonl", "tokenizer", "checkpoints", "final", "positions.json", "state.json")
+
+
+def config_path(run: Path) -> Path:
+    return Path(run) / CONFIG
+
+
+def metrics_path(run: Path) -> Path:
+    return Path(run) / METRICS
+
+
+def tokenizer_dir(run: Path) -> Path:
+    return Path(run) / TOKENIZER
+
+
+def checkpoints_dir(run: Path) -> Path:
+    return Path(run) / CHECKPOINTS
+
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return checkpoints_dir(run) / f"step_{step}"
+
+
+def final_dir(run: Path) -> Path:
+    return Path(run) / FINAL
+
+
+def positions_path(run: Path) -> Path:
+    return Path(run) / POSITIONS
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints (their state.json written last), oldest first."""
+    found = [p for p in checkpoints_dir(run).glob("step_*") if p.is_dir() and (p / STATE).exists()
+             and p.name.split("_", 1)[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def read_state(checkpoint: Path) -> dict:
+    return json.loads((Path(checkpoint) / STATE).read_text())
+
+
+def latest_state(run: Path) -> dict:
+    found = checkpoints(run)
+    return read_state(found[-1]) if found else {}
+
+
+def read_metrics(run: Path) -> list[dict]:
+    path = metrics_path(run)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+@dataclass
+class RunRecord:
+    """What a run was trained from: kept in each checkpoint's state.json and in the model card."""
+
+    tokenizer: str | None = None  # the tokenizer's name, when the run chose it (pretrain, extend)
+    data: dict | None = None  # source, dir, train_tokens
+    extend: dict | None = None  # from, trained_len, seq_len, factor
+    sft: dict | None = None  # from, data, train/val conversations, skipped
+    previous_card: dict = field(default_factory=dict)  # the card of the model this run started from
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunRecord:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
 def run_summary(run: Path) -> dict:
-    """Final numbers of a run, from its records (also used by the model card)."""
+    """Final numbers of a run, from its metrics (used by the model card and the report)."""
     records = read_metrics(run)
     train = [r for r in records if r["type"] == "train"]
     evals = [r for r in records if r["type"] == "eval"]
@@ -26,3 +108,37 @@ def run_summary(run: Path) -> dict:
     samples = [r for r in records if r["type"] == "sample"]
     out["samples"] = [(r["step"], r["prompt"], r["text"]) for r in samples[-3:]]
     return out
+
+
+def hardware(run: Path) -> str:
+    """'WORLD x DEVICE (PRECISION)' from the run's start event."""
+    for r in read_metrics(run):
+        if r.get("event") == "started":
+            return f"{r.get('world', 1)} x {r.get('device', '?')} ({r.get('precision', '?')})"
+    return "unknown"
+
+
+@dataclass
+class ModelRef:
+    """Where a `--model` argument's weights are: a Hugging Face folder or a training checkpoint."""
+
+    kind: str  # "folder" | "checkpoint"
+    path: Path
+    tokenizer: Path  # the folder holding its tokenizer files
+
+
+def resolve_model(path: str | Path) -> ModelRef:
+    """A model folder, a run directory (its final/, else its latest checkpoint) or a checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass a model folder, run directory or checkpoint")
+    if (path / "config.json").exists():
+        return ModelRef("folder", path, path)
+    if (final_dir(path) / "config.json").exists():
+        return ModelRef("folder", final_dir(path), final_dir(path))
+    if not (path / STATE).exists():
+        found = checkpoints(path)
+        if not found:
+            raise UserError(f"{path} is not a model folder, run directory or checkpoint; pass one of those")
+        path = found[-1]
+    return ModelRef("checkpoint", path, tokenizer_dir(path.parent.parent))

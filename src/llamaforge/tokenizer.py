@@ -17,9 +17,10 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from . import hf as _register_auto_classes  # noqa: F401  (no remote-code prompt for our folders)
-from .cache import MISTRAL_TOKENIZER, atomic_write_bytes, cache_dir, carried_file
+from .cache import MISTRAL_TOKENIZER, cache_dir, carried_file
 from .errors import UserError
+from .fsutil import atomic_write_bytes
+from .model import hf as _register_auto_classes  # noqa: F401  (our folders load without a remote-code prompt)
 
 MISTRAL = "mistral"  # the offline name; "mistralai/Mistral-7B-v0.1" goes to the Hub
 MISTRAL_HUB = "mistralai/Mistral-7B-v0.1"

@@ -11,8 +11,10 @@ continues with exactly the next batch. The file is a read-only memmap, so proces
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..errors import UserError
+from .prepare import open_split, read_meta
 
 
 class EpochOrder:
@@ -55,12 +57,12 @@ class TokenWindows:
     def epoch(self) -> float:
         return self.consumed / self.n_windows
 
-    def next_batch(self) -> np.ndarray:
-        """This rank's (seqs_per_step / world, seq_len + 1) int64 windows for the next step."""
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (inputs, targets) for the next step, each (seqs_per_step / world, seq_len)."""
         ids = self.window_ids(self.consumed + self.rank * self.local, self.local)
         self.consumed += self.seqs_per_step
         T = self.seq_len
-        return np.stack([self.tokens[i * T : i * T + T + 1] for i in ids]).astype(np.int64)
+        return to_pair(np.stack([self.tokens[i * T : i * T + T + 1] for i in ids]))
 
     def state_dict(self) -> dict:
         return {"consumed": self.consumed, "seed": self.seed, "seq_len": self.seq_len, "n_windows": self.n_windows,
@@ -75,20 +77,25 @@ class TokenWindows:
         self.consumed = int(state["consumed"])
 
 
+def to_pair(windows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, T + 1) token windows -> (inputs, next-token targets), each (b, T) int64: the one batch
+    shape every loader yields (SFT's targets also carry -100 where no loss is taken)."""
+    t = torch.from_numpy(np.ascontiguousarray(windows, dtype=np.int64))
+    return t[:, :-1], t[:, 1:]
+
+
 def eval_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, batch: int):
-    """Consecutive (b, seq_len + 1) windows from the start of `tokens`, up to `max_tokens` targets."""
+    """(inputs, targets) of consecutive windows from the start of `tokens`, up to `max_tokens` targets."""
     n = min((len(tokens) - 1) // seq_len, max(1, max_tokens // seq_len))
     for s in range(0, n, batch):
         ids = range(s, min(n, s + batch))
-        yield np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in ids]).astype(np.int64)
+        yield to_pair(np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in ids]))
 
 
 class PretrainBatches(TokenWindows):
     """TokenWindows over DATA_DIR/train.bin, plus validation windows from val.bin."""
 
     def __init__(self, data_dir, train_cfg, rank: int = 0, world: int = 1):
-        from .prepare import open_split, read_meta
-
         meta = read_meta(data_dir)
         super().__init__(open_split(data_dir, "train"), train_cfg.seq_len, train_cfg.batch_tokens // train_cfg.seq_len,
                          rank, world, train_cfg.seed)

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -30,6 +29,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import UserError
+from ..fsutil import atomic_folder
 from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 from .sources import SourceStats, iter_documents
 
@@ -50,6 +50,12 @@ def _init_worker(tokenizer_json: str, threads: bool) -> None:
     _worker_tok.encode_special_tokens = True  # a literal "<s>" in a document is text, not BOS
 
 
+def held_out(raw: bytes, fraction: float) -> bool:
+    """The train/validation split: a document (or conversation) is held out when a hash of its bytes
+    falls under `fraction` — deterministic, and independent of order and worker count."""
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") / 2**64 < fraction
+
+
 @dataclass
 class Encoded:
     ids: dict[str, np.ndarray]  # split -> concatenated <s> doc </s> ids
@@ -65,8 +71,7 @@ def _encode(texts: list[str], bos: int, eos: int, val_fraction: float, dtype: st
     out = Encoded({}, {"train": 0, "val": 0}, {"train": 0, "val": 0}, len(texts) - len(keep))
     for text, e in zip(keep, enc):
         raw = text.encode("utf-8")
-        h = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") / 2**64
-        split = "val" if h < val_fraction else "train"
+        split = "val" if held_out(raw, val_fraction) else "train"
         parts[split].append(np.array([bos, *e.ids, eos], dtype=dtype))
         out.docs[split] += 1
         out.nbytes[split] += len(raw)
@@ -121,21 +126,10 @@ def prepare(source: str, out: str | Path, tokenizer: str = "mistral", val_fracti
             log.info("%s is already prepared with these settings", out)
             return meta
         raise UserError(f"{out} holds data prepared with other settings; pass --force to replace it or another --out")
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(out) as tmp:
         meta = _write(tok, settings, tmp, workers, progress)
         tok.save_pretrained(tmp / "tokenizer")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 

@@ -16,7 +16,6 @@ little. (Packing would need block-diagonal masks, which lose the flash kernels.)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ import torch
 
 from ..errors import UserError
 from .loader import EpochOrder
+from .prepare import held_out
+from .sources import open_hub
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,7 @@ def to_messages(obj) -> list[dict]:
 
 def _records(source: str):
     if source.startswith("hf:"):
-        import datasets
-
-        name, _, split = source[3:].partition(":")
-        try:
-            ds = datasets.load_dataset(name, split=split or "train", streaming=True)
-        except Exception as e:
-            raise UserError(f"cannot open dataset {name!r} ({str(e).splitlines()[0][:200]}); use a local JSONL") from None
+        name, ds = open_hub(source[3:])
         for n, row in enumerate(ds, 1):
             yield f"{name} row {n}", row
         return
@@ -96,7 +91,7 @@ def _records(source: str):
 
 def tokenize_conversations(source: str, tokenizer, max_len: int, strict: bool = False) -> tuple[list, SFTStats]:
     """[(ids, labels)] for every usable conversation; bad ones skipped and counted, or refused."""
-    tokenizer.chat_template = tokenizer.chat_template or CHAT_TEMPLATE
+    template = tokenizer.chat_template or CHAT_TEMPLATE  # the caller's tokenizer is not modified
     stats, out = SFTStats(), []
     for where, obj in _records(source):
         stats.read += 1
@@ -104,7 +99,8 @@ def tokenize_conversations(source: str, tokenizer, max_len: int, strict: bool = 
             if isinstance(obj, Exception):
                 raise obj
             msgs = to_messages(obj)
-            enc = tokenizer.apply_chat_template(msgs, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+            enc = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=True, return_dict=True,
+                                                return_assistant_tokens_mask=True)
             ids, mask = enc["input_ids"], enc["assistant_masks"]
             if len(ids) > max_len + 1:
                 raise ValueError(f"{len(ids)} tokens, longer than the context {max_len} + 1")
@@ -121,6 +117,14 @@ def tokenize_conversations(source: str, tokenizer, max_len: int, strict: bool = 
     if not out:
         raise UserError(f"no usable conversation in {source} (skipped: {stats.skipped}); check the format")
     return out, stats
+
+
+def chat_prompt(tokenizer, text: str) -> str:
+    """`text` as one user turn of the tokenizer's chat template, ready for the assistant's answer
+    (the BOS is left out: the tokenizer adds it)."""
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": text}], chat_template=tokenizer.chat_template
+                                         or CHAT_TEMPLATE, tokenize=False, add_generation_prompt=True)
+    return chat.removeprefix(tokenizer.bos_token or "")
 
 
 class SFTBatches:
@@ -167,8 +171,7 @@ def split_val(convs: list, fraction: float) -> tuple[list, list]:
     """Hold out conversations by a hash of their tokens (deterministic); at least one when possible."""
     train, val = [], []
     for c in convs:
-        h = int.from_bytes(hashlib.blake2b(np.asarray(c[0], dtype=np.int64).tobytes(), digest_size=8).digest(), "little")
-        (val if h / 2**64 < fraction else train).append(c)
+        (val if held_out(np.asarray(c[0], dtype=np.int64).tobytes(), fraction) else train).append(c)
     if not val and len(train) > 1:
         val.append(train.pop())
     return train, val

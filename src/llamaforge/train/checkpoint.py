@@ -6,49 +6,32 @@ RUN_DIR/checkpoints/step_N/
   rng.pt              torch CPU (and CUDA) RNG states, read the same way
   state.json          step, scheduler, loader state, trainer counters, model config
 
-A checkpoint is written into `.step_N.tmp-PID/`, each file fsynced, then renamed into place: a
-SIGKILL during a save leaves the temporary folder (removed at the next start) and the previous
-checkpoint untouched. Only the last `keep` checkpoints are kept.
+A checkpoint is written into `.step_N.tmp-PID/`, each file fsynced, then renamed into place
+(fsutil.atomic_folder): a SIGKILL during a save leaves the temporary folder (removed at the next
+start) and the previous checkpoint untouched. Only the last `keep` checkpoints are kept. Where a
+run keeps its checkpoints is runs.py's business; what a checkpoint holds is this module's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
+
+from ..fsutil import atomic_folder
+from ..model.hf import LlamaForgeConfig, LlamaForgeForCausalLM
+from ..runs import STATE, checkpoint_dir, checkpoints, checkpoints_dir, read_state
 
 log = logging.getLogger(__name__)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_files(folder: Path) -> None:
-    for p in folder.iterdir():
-        with open(p, "rb+") as f:
-            os.fsync(f.fileno())
-    _fsync_dir(folder)
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / "state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
-
-
 def clean_partial(run_dir: Path) -> None:
-    for p in (Path(run_dir) / "checkpoints").glob(".step_*.tmp-*"):
+    """Temporary checkpoint folders left by a killed save."""
+    for p in checkpoints_dir(run_dir).glob(".step_*.tmp-*"):
         shutil.rmtree(p, ignore_errors=True)
 
 
@@ -64,19 +47,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
                     full: tuple[dict, dict] | None = None) -> Path:
     """Write checkpoint `step_{step}`; raises OSError on failure (the previous one is untouched).
     `full`: gathered (model, optimizer) state dicts of a sharded model, written instead of the live ones."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step}"
-    tmp = root / f".step_{step}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_folder(checkpoint_dir(run_dir, step)) as tmp:
         if full is None:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         else:
-            from safetensors.torch import save_file
-
             weights = {k: v.contiguous() for k, v in full[0].items()
                        if not (model.config.tie_word_embeddings and k == "lm_head.weight")}
             save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -86,18 +61,10 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps(dict(state, step=step), indent=2))
-        _fsync_files(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / STATE).write_text(json.dumps(dict(state, step=step), indent=2))
     for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+    return checkpoint_dir(run_dir, step)
 
 
 def load_weights(path: Path, model) -> dict:
@@ -108,7 +75,16 @@ def load_weights(path: Path, model) -> dict:
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model (missing {sorted(missing)[:3]}, "
                          f"unexpected {sorted(unexpected)[:3]})")
-    return json.loads((path / "state.json").read_text())
+    return read_state(path)
+
+
+def model_from_checkpoint(path: Path) -> LlamaForgeForCausalLM:
+    """The model saved in a checkpoint folder, built from the config its state.json holds."""
+    state = read_state(path)
+    config = LlamaForgeConfig(**{k: v for k, v in state["model_config"].items() if k not in ("architectures", "auto_map")})
+    model = LlamaForgeForCausalLM(config)
+    load_weights(path, model)
+    return model.eval()
 
 
 def load_training_state(path: Path, model, optimizer, sharded: bool = False) -> None:

@@ -4,26 +4,27 @@ Every step: one batch of `batch_tokens` tokens (all ranks, all micro-batches) ->
 scheduler -> metrics. Every `eval_every` steps: validation loss, bits per byte and a sample from a
 fixed prompt. Every `save_every` steps, on Ctrl-C/SIGTERM and at the end: an atomic checkpoint.
 A run directory holding a checkpoint is resumed from it (exactly: same next batch, same RNG, same
-optimizer and scheduler state). At the end the model is exported to RUN_DIR/final.
+optimizer and scheduler state). The loop only trains: publishing RUN_DIR/final is the workflows' job.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, save_config
 from ..errors import UserError, require_extra
-from ..models import save_model
+from ..eval.loss import windowed_loss
+from ..runs import RunRecord, config_path, metrics_path, tokenizer_dir
 from . import checkpoint as ckpt
 from .distributed import Dist, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, matmul_peak_flops, peak_memory_gb, train_flops_per_token
@@ -34,42 +35,30 @@ log = logging.getLogger(__name__)
 
 
 class Batches(Protocol):
-    """What the loop needs from a dataset: (local_seqs, T + 1) token windows, or (inputs, targets)
-    pairs, per step; resumable state; validation batches; bytes per token for bits per byte."""
+    """What the loop needs from a dataset: this rank's (inputs, targets) per step, each (b, T) with
+    -100 where no loss is taken; resumable state; validation batches; bytes per token for bpb."""
 
-    def next_batch(self): ...
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
     def eval_batches(self): ...
     bytes_per_token: float | None
 
 
-def split_micro(batch, micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(n, T + 1) windows -> [(inputs, targets)] micro-batches; (inputs, targets) pairs are split as is."""
-    if isinstance(batch, tuple):
-        x, y = batch
-    else:
-        t = torch.from_numpy(np.ascontiguousarray(batch))
-        x, y = t[:, :-1], t[:, 1:]
+@dataclass
+class TrainResult:
+    """What `train` hands back: the trained model (unsharded when FSDP sharded it; None on ranks
+    other than the main one under FSDP) and whether this process is the main one."""
+
+    model: torch.nn.Module | None
+    main: bool
+    step: int
+
+
+def split_micro(batch: tuple[torch.Tensor, torch.Tensor], micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) -> micro-batches of at most `micro` rows."""
+    x, y = batch
     return [(x[i : i + micro], y[i : i + micro]) for i in range(0, len(x), micro)]
-
-
-@torch.no_grad()
-def evaluate_loss(model, batches, device: torch.device) -> tuple[float, int]:
-    """Mean loss per target token (nats) and the number of targets."""
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    for batch in batches:
-        for x, y in split_micro(batch, len(batch[0]) if isinstance(batch, tuple) else len(batch)):
-            with autocast_context(device):
-                logits = model(input_ids=x.to(device)).logits
-            y = y.to(device)
-            total += float(torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(),
-                                                              ignore_index=-100, reduction="sum"))
-            count += int((y != -100).sum())
-    model.train(was_training)
-    return total / max(count, 1), count
 
 
 @torch.no_grad()
@@ -112,19 +101,21 @@ def _install_sigterm():
 
 
 def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path, resume: bool | None = None,
-          progress: bool = True, records: dict | None = None) -> Path:
+          progress: bool = True, record: RunRecord | None = None) -> TrainResult:
     """Train `model` (its weights are replaced by the latest checkpoint when resuming).
 
     `batches_factory(rank, world)` returns the Batches; `resume`: None = when a checkpoint exists,
-    True = require one, False = refuse a run directory that has one. Returns RUN_DIR/final."""
+    True = require one, False = refuse a run directory that has one. `record` (what the run is
+    trained from) is kept in every checkpoint. Publishing the result is the caller's job."""
     d = setup()
     try:
-        return _train(cfg, model, tokenizer, batches_factory, Path(run_dir), resume, progress, d, records or {})
+        return _train(cfg, model, tokenizer, batches_factory, Path(run_dir), resume, progress, d, record or RunRecord())
     finally:
         teardown()
 
 
-def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progress, d: Dist, records: dict) -> Path:
+def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progress, d: Dist,
+           record: RunRecord) -> TrainResult:
     t = cfg.train
     check_runnable(cfg, model.config, d.world)
     found = ckpt.checkpoints(run_dir)
@@ -142,9 +133,9 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     if d.main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(run_dir)
-        save_config(cfg, run_dir / "config.yaml")
-        if not (run_dir / "tokenizer").exists():
-            tokenizer.save_pretrained(run_dir / "tokenizer")  # checkpoints load with it (models.load_any)
+        save_config(cfg, config_path(run_dir))
+        if not tokenizer_dir(run_dir).exists():
+            tokenizer.save_pretrained(tokenizer_dir(run_dir))  # checkpoints load with it (runs.resolve_model)
     state = ckpt.load_weights(found[-1], model) if found else None  # before wrapping: plain tensors
     wrapped = wrap(model, d, t.fsdp)  # FSDP2 replaces parameters: the optimizer is built after this
     optimizer = build_optimizer(wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
@@ -156,7 +147,7 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         batches.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
     if step == 0 and d.main:
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        metrics_path(run_dir).unlink(missing_ok=True)
     metrics = MetricsLogger(run_dir, enabled=d.main, wandb_project=t.wandb_project if t.wandb else None,
                             tensorboard=t.tensorboard is not False,
                             config=asdict(cfg), truncate_after_step=step)
@@ -171,7 +162,7 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
 
     def state() -> dict:
         return {"scheduler": scheduler.state_dict(), "loader": batches.state_dict(), "tokens_seen": tokens_seen,
-                "model_config": model.config.to_dict(), "records": records}
+                "model_config": model.config.to_dict(), "records": record.to_dict()}
 
     def save(tag: str) -> None:
         full = ckpt.gather_full_state(wrapped, optimizer) if sharded else None  # a collective: every rank
@@ -185,7 +176,8 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
             metrics.log("event", step, event="checkpoint_failed", error=str(e))
 
     def evaluate() -> None:
-        loss, n = evaluate_loss(eval_model, batches.eval_batches(), device)
+        s = windowed_loss(eval_model, batches.eval_batches(), device, autocast=functools.partial(autocast_context, device))
+        loss, n = s.mean, s.count
         values = {"val_loss": loss, "val_tokens": n}
         if batches.bytes_per_token:
             values["val_bpb"] = loss / math.log(2) / batches.bytes_per_token
@@ -234,46 +226,15 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
     save("interrupt" if interrupted else "end")
-    final = run_dir / "final"
-    full = ckpt.gather_full_state(wrapped, optimizer) if sharded and not interrupted else None
-    if not interrupted and d.main:
-        from ..card import model_records
-
-        if full is not None:  # FSDP: export an unsharded copy
-            model = type(model)(model.config)
-            model.load_state_dict(full[0])
-
-        previous = records.get("previous_card") or {}
-        rec = model_records(model, records.get("tokenizer", previous.get("tokenizer", "see tokenizer files")),
-                            run_dir, previous=previous)
-        save_model(model, tokenizer, final, rec)
-        metrics.log("event", step, event="exported", path="final")
+    full = ckpt.gather_full_state(wrapped, optimizer) if sharded and not interrupted else None  # a collective
     metrics.close()
     d.barrier()
     if interrupted:
         log.warning("checkpoint saved at step %d; run the same command again to resume", step)
         raise KeyboardInterrupt
-    return final
-
-
-def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume: bool | None = None,
-             progress: bool = True) -> Path:
-    """`llamaforge train`: a fresh model of `cfg.model` on prepared data (or the run's checkpoint)."""
-    from ..data.loader import PretrainBatches
-    from ..data.prepare import read_meta
-    from ..models import build_model
-    from ..tokenizer import load_tokenizer
-
-    meta = read_meta(data_dir)
-    tokenizer = load_tokenizer(str(Path(data_dir) / "tokenizer"))
-    if meta["vocab_size"] > cfg.model.vocab_size:
-        raise UserError(f"the data's tokenizer has {meta['vocab_size']} tokens, the model {cfg.model.vocab_size}; "
-                        "set --model.vocab_size")
-    model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
-
-    def factory(rank: int, world: int):
-        return PretrainBatches(data_dir, cfg.train, rank, world)
-
-    records = {"data": {"source": meta["source"], "dir": str(data_dir), "train_tokens": meta["splits"]["train"]["tokens"]},
-               "tokenizer": meta["tokenizer"]}
-    return train(cfg, model, tokenizer, factory, run_dir, resume, progress, records)
+    if full is not None:  # FSDP: hand back an unsharded copy, on the main rank
+        model = None
+        if d.main:
+            model = type(eval_model)(eval_model.config)
+            model.load_state_dict(full[0])
+    return TrainResult(model, d.main, step)

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..runs import metrics_path
+
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +70,7 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool = True, wandb_project: str | None = None, config: dict | None = None,
                  truncate_after_step: int | None = None, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = metrics_path(run_dir)
         self.tb = self.wandb = None
         if not enabled:
             return
@@ -116,8 +118,3 @@ class MetricsLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

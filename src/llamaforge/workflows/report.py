@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cache import atomic_write_bytes
-from .errors import UserError, require_extra
-from .runs import run_summary
-from .train.metrics import read_metrics
+from ..errors import UserError, require_extra
+from ..fsutil import atomic_write_bytes
+from ..publish.card import read_records
+from ..runs import checkpoints, config_path, final_dir, metrics_path, positions_path, read_metrics, read_state, run_summary
 
 
 def _pyplot():
@@ -41,12 +41,10 @@ def _series(records: list[dict], kind: str, key: str, x: str = "tokens_seen") ->
 def _offsets(runs: list[Path], recs: dict[str, list[dict]]) -> dict[str, int]:
     """Tokens to shift each run's x-axis by: a run that continues an earlier one (extend/sft `--model`
     pointing at it or its final/ or checkpoint) starts where that one ended."""
-    from .train.checkpoint import checkpoints
-
     ends, out = {}, {}
     for r in runs:
         found = checkpoints(r)
-        state = json.loads((found[-1] / "state.json").read_text()) if found else {}
+        state = read_state(found[-1]) if found else {}
         rec = state.get("records", {})
         source = (rec.get("extend") or rec.get("sft") or {}).get("from")
         shift = 0
@@ -108,9 +106,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 def _param_counts(run: Path) -> dict | None:
     """Counted when the final model was saved (its llamaforge.json), not re-derived from shapes."""
-    from .card import read_records
-
-    rec = read_records(run / "final") if (run / "final").exists() else None
+    rec = read_records(final_dir(run)) if final_dir(run).exists() else None
     return rec.get("parameters") if rec else None
 
 
@@ -119,7 +115,7 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
     require_extra("markdown", "report")
     runs = [Path(r) for r in runs]
     for r in runs:
-        if not (r / "metrics.jsonl").exists():
+        if not metrics_path(r).exists():
             raise UserError(f"{r} is not a run directory (no metrics.jsonl); pass the --out of train, extend or sft")
     results = []
     for e in evals:
@@ -160,7 +156,7 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
     md.append(_table(["run", "steps", "tokens", "train loss (last 10 steps)", "val loss", "val bits/byte",
                       "minutes", "params (non-emb / total)"], rows))
     for r in runs:
-        pos_path = r / "positions.json"
+        pos_path = positions_path(r)
         if pos_path.exists():
             pos = json.loads(pos_path.read_text())
             figs.append(("Long context", _positions_plot(out / f"positions_{r.name}.png", pos)))
@@ -190,8 +186,8 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
         for step, prompt, text in summaries[r.name]["samples"]:
             md.append(f"- {r.name}, step {step}: **{prompt}**{text}")
     for r in runs:
-        if (r / "config.yaml").exists():
-            md += ["", f"## Configuration ({r.name})", "", "```yaml", (r / "config.yaml").read_text().strip(), "```"]
+        if config_path(r).exists():
+            md += ["", f"## Configuration ({r.name})", "", "```yaml", config_path(r).read_text().strip(), "```"]
     text = "\n".join(md) + "\n"
     atomic_write_bytes(out / "report.md", text.encode())
     import markdown

@@ -8,26 +8,27 @@ from pathlib import Path
 
 import torch
 
-from ..cache import atomic_write_bytes
 from ..errors import UserError, require_extra
+from ..eval.harness import run_tasks
+from ..eval.mmlu import mmlu_task_dir
+from ..eval.perplexity import perplexity_on_split, perplexity_on_text
+from ..fsutil import atomic_write_bytes
+from ..tokenizer import load_tokenizer
+from .common import load_model_arg
 
 
-def evaluate(model_path: str, data_dir: str | None = None, text: str | None = None, tasks: list[str] = (),
+def evaluate(model_path: str, *, data_dir: str | None = None, text: str | None = None, tasks: list[str] = (),
              limit: int | None = None, subjects: list[str] | None = None, include_path: str | None = None,
              irt_params: str | None = None, batch_size: int = 4, out: str | Path | None = None,
              samples_dir: str | None = None, max_tokens: int | None = None) -> dict:
     """Evaluate in fp32 (on CPU; CUDA when present) and write `out` (JSON) when given."""
-    from ..models import load_any
-    from ..tokenizer import load_tokenizer
-    from .perplexity import perplexity_on_split, perplexity_on_text
-
     if not (data_dir or text or tasks):
         raise UserError("nothing to evaluate: pass --data DIR, --text FILE and/or --tasks NAMES")
     if irt_params and not Path(irt_params).is_file():
         raise UserError(f"--irt-params {irt_params} does not exist; pass tinyBenchmarks.pkl or leave it out")
     if tasks:  # before the model is loaded and perplexity is spent
         require_extra("lm_eval", "eval")
-    model, tok_dir = load_any(model_path)
+    model, tok_dir = load_model_arg(model_path)
     model = model.float().to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(str(tok_dir))
     result: dict = {"model": str(model_path), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": "float32",
@@ -37,12 +38,8 @@ def evaluate(model_path: str, data_dir: str | None = None, text: str | None = No
     if text:
         result["perplexity"]["text"] = perplexity_on_text(model, tokenizer, text)
     if tasks:
-        from .harness import run_tasks
-
         include = include_path
         if any(t.startswith("mmlu_offline") for t in tasks):
-            from .mmlu import mmlu_task_dir
-
             include = str(mmlu_task_dir(subjects))
             if include_path:
                 raise UserError("--include-path cannot be combined with the mmlu_offline tasks; run them separately")

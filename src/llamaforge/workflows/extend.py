@@ -12,6 +12,7 @@ the llamaforge folder and the stock Llama export use the same positions.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -19,8 +20,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig
-from .errors import UserError
+from ..config import RunConfig
+from ..data.loader import PretrainBatches, to_pair
+from ..data.prepare import open_split
+from ..errors import UserError
+from ..eval.loss import windowed_loss
+from ..fsutil import atomic_write_bytes
+from ..publish.card import read_records
+from ..runs import RunRecord, positions_path
+from ..tokenizer import load_tokenizer
+from ..train.loop import train
+from .common import load_model_arg, publish_final
+from .pretrain import data_record
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +58,15 @@ def interpolate(model, seq_len: int, factor: float | None = None):
     return new
 
 
-@torch.no_grad()
 def loss_by_position(model, tokens: np.ndarray, seq_len: int, buckets: int = 4, max_windows: int = 64,
                      batch: int = 4) -> list[float]:
     """Mean next-token loss in each of `buckets` equal position ranges of `seq_len`-token windows."""
-    model.eval()
     n = min(max_windows, (len(tokens) - 1) // seq_len)
-    if n == 0:
+    if n <= 0:
         raise UserError(f"validation split has fewer than {seq_len + 1} tokens; prepare more validation data")
-    sums = torch.zeros(seq_len, dtype=torch.float64)
-    for s in range(0, n, batch):
-        rows = np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(s, min(n, s + batch))])
-        t = torch.from_numpy(rows.astype(np.int64))
-        logits = model(input_ids=t[:, :-1]).logits.float()
-        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), t[:, 1:], reduction="none")  # (b, T)
-        sums += loss.sum(0).double()
-    per_pos = sums / n
+    windows = (to_pair(np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(s, min(n, s + batch))]))
+               for s in range(0, n, batch))
+    per_pos = windowed_loss(model, windows, per_position=True).by_position / n
     return [float(c.mean()) for c in per_pos.chunk(buckets)]
 
 
@@ -91,13 +95,8 @@ def position_report(base, tuned, tokens: np.ndarray, seq_len: int, factor: float
 
 def extend(cfg: RunConfig, model_path: str, data_dir: str | Path, run_dir: str | Path, seq_len: int,
            factor: float | None = None, resume: bool | None = None, progress: bool = True) -> Path:
-    """`llamaforge extend`: interpolate, fine-tune at `seq_len` with the training loop, measure."""
-    from .data.loader import PretrainBatches
-    from .data.prepare import open_split
-    from .models import load_any
-    from .tokenizer import load_tokenizer
-    from .train.loop import train
-
+    """`llamaforge extend`: interpolate, fine-tune at `seq_len` with the training loop, publish,
+    then measure the evidence (once, in the main process, from the published model)."""
     cfg_file = Path(model_path) / "config.json"
     if cfg_file.exists():
         kind = json.loads(cfg_file.read_text()).get("model_type")
@@ -105,21 +104,24 @@ def extend(cfg: RunConfig, model_path: str, data_dir: str | Path, run_dir: str |
         if kind not in ("llamaforge", "llama") or learned:
             raise UserError(f"{model_path} holds a {kind!r} model, which has no rotary embeddings to interpolate; "
                             "extend works on llamaforge and llama models")
-    base, tok_dir = load_any(model_path)
+    base, tok_dir = load_model_arg(model_path)
     model = interpolate(base, seq_len, factor)
     factor = model.config.rope_factor
     tokenizer = load_tokenizer(str(tok_dir))
-    cfg.train.seq_len = seq_len
-    from .card import read_records
-    from .data.prepare import read_meta
-
-    meta = read_meta(data_dir)
-    records = {"previous_card": read_records(tok_dir) or {}, "tokenizer": meta["tokenizer"],
-               "data": {"source": meta["source"], "dir": str(data_dir), "train_tokens": meta["splits"]["train"]["tokens"]},
-               "extend": {"from": str(model_path), "trained_len": base.config.max_position_embeddings,
-                          "seq_len": seq_len, "factor": factor}}
-    final = train(cfg, model, tokenizer, lambda r, w: PretrainBatches(data_dir, cfg.train, r, w), run_dir, resume,
-                  progress, records)
-    report = position_report(base, model.cpu().eval(), open_split(data_dir, "val"), seq_len, factor)
-    (Path(run_dir) / "positions.json").write_text(json.dumps(report, indent=2) + "\n")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len))  # the caller's cfg is kept
+    meta, data = data_record(data_dir)
+    record = RunRecord(tokenizer=meta["tokenizer"], data=data, previous_card=read_records(tok_dir) or {},
+                       extend={"from": str(model_path), "trained_len": base.config.max_position_embeddings,
+                               "seq_len": seq_len, "factor": factor})
+    result = train(cfg, model, tokenizer, lambda r, w: PretrainBatches(data_dir, cfg.train, r, w), run_dir, resume,
+                   progress, record)
+    final = publish_final(Path(run_dir), result, tokenizer, record)
+    if result.main:
+        tuned = result.model.cpu().eval()
+        tokens, split = open_split(data_dir, "val"), "val"
+        if len(tokens) <= seq_len:  # tiny corpora: the tail of train, as the loop's validation does
+            tokens, split = open_split(data_dir, "train")[-64 * seq_len - 1 :], "train (tail: the val split is too short)"
+        report = position_report(base, tuned, tokens, seq_len, factor)
+        report["measured_on"] = split
+        atomic_write_bytes(positions_path(Path(run_dir)), (json.dumps(report, indent=2) + "\n").encode())
     return final

@@ -1,9 +1,29 @@
-"""Sampling through transformers' `generate` (KV cache, top-k/top-p, repetition penalty, EOS stop)."""
+"""`llamaforge generate`: sampling through transformers' `generate` (KV cache, top-k/top-p,
+repetition penalty, EOS stop), optionally in the model's chat template."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
+
+from ..data.sft import chat_prompt
+from ..errors import UserError
+from ..model.io import load_model
+from ..tokenizer import load_tokenizer
+
+
+def load_for_generation(model_dir: str | Path, prompts: list[str], chat: bool = False):
+    """(model, tokenizer, prompts) for a model folder; with `chat` each prompt becomes a user turn."""
+    if not prompts:
+        raise UserError("no prompt: pass --prompt TEXT (repeatable) or lines on stdin")
+    model, tok = load_model(model_dir), load_tokenizer(str(model_dir))
+    if chat:
+        if not tok.chat_template:
+            raise UserError(f"{model_dir} has no chat template; fine-tune it with `llamaforge sft` or drop --chat")
+        prompts = [chat_prompt(tok, p) for p in prompts]
+    return model, tok, prompts
 
 
 def generate(
@@ -22,8 +42,7 @@ def generate(
     single prompt's tokens are written to stdout as they are produced (TextStreamer)."""
     if stream and len(prompts) != 1:
         raise ValueError("streaming needs exactly one prompt")
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")  # the tokenizer is not changed
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     torch.manual_seed(seed)

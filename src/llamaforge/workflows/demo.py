@@ -1,16 +1,18 @@
 """`llamaforge demo`: the whole job, offline, on a CPU — data -> training -> long context ->
-evaluation -> generation -> report — as the chain of ordinary subcommands, each printed before it
-runs so any step can be rerun by hand. The last line printed is the report's path.
+evaluation -> generation -> report — as the chain of ordinary subcommands. This module only lists
+them (argv lists); the CLI replays each through its own entry point, printing it first so any step
+can be rerun by hand. The last line printed is the report's path.
 """
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 
-from .errors import UserError
-
 PROMPTS = ["The history of the city", "Scientists have discovered", "The president said"]
+
+
+def report_path(out: Path) -> Path:
+    return Path(out) / "report" / "report.md"
 
 
 def steps(out: Path, quick: bool) -> list[list[str]]:
@@ -36,16 +38,3 @@ def steps(out: Path, quick: bool) -> list[list[str]]:
          *sum((["--prompt", p] for p in PROMPTS), [])],
         ["report", "--run", str(pre), "--run", str(ext), "--eval", str(out / "eval.json"), "--out", str(out / "report")],
     ]
-
-
-def demo(out: str | Path = "runs/demo", quick: bool = False, echo=lambda line: None) -> Path:
-    """Run the steps through the CLI's own entry point; `echo` receives each command line first."""
-    from .cli import main
-
-    out = Path(out)
-    for argv in steps(out, quick):
-        echo(f"\n$ llamaforge {shlex.join(argv)}")
-        code = main(argv)
-        if code != 0:
-            raise UserError(f"step `llamaforge {argv[0]}` failed (exit {code}); fix it and rerun the printed command")
-    return out / "report" / "report.md"

@@ -9,7 +9,13 @@ folder says it is untrained, and plain accuracy is never called IRT.
 from __future__ import annotations
 
 import json
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from ..model.io import count_parameters
+from ..runs import config_path, hardware, latest_state, run_summary
 
 RECORDS = "llamaforge.json"
 
@@ -17,8 +23,6 @@ RECORDS = "llamaforge.json"
 def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals: list[dict] = (),
                   previous: dict | None = None) -> dict:
     """What we know about `model`: counts and config, plus a run's summary and recipe when given."""
-    from .models import count_parameters
-
     c = model.config
     rec = dict(previous or {})
     rec["architecture"] = {
@@ -32,17 +36,13 @@ def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals
     rec["tokenizer"] = tokenizer_name
     rec["software"] = software_versions()
     if run_dir is not None:
-        from omegaconf import OmegaConf
-
-        from .runs import run_summary
-
-        s = run_summary(Path(run_dir))
-        cfg = OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml")) if (Path(run_dir) / "config.yaml").exists() else {}
-        state = _latest_state(Path(run_dir))
-        stage = {"run": Path(run_dir).name, "steps": s["steps"], "tokens_seen": s["tokens_seen"],
+        run_dir = Path(run_dir)
+        s = run_summary(run_dir)
+        cfg = OmegaConf.to_container(OmegaConf.load(config_path(run_dir))) if config_path(run_dir).exists() else {}
+        stage = {"run": run_dir.name, "steps": s["steps"], "tokens_seen": s["tokens_seen"],
                  "train_loss_last10": s.get("train_loss"), "val_loss": s.get("val_loss"), "val_bpb": s.get("val_bpb"),
-                 "recipe": cfg.get("train", {}), "records": state.get("records", {}),
-                 "hardware": _hardware(Path(run_dir))}
+                 "recipe": cfg.get("train", {}), "records": latest_state(run_dir).get("records", {}),
+                 "hardware": hardware(run_dir)}
         rec.setdefault("training", []).append(stage)
     if evals:
         rec["evaluations"] = list(rec.get("evaluations", [])) + list(evals)
@@ -51,8 +51,6 @@ def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals
 
 def software_versions() -> dict[str, str]:
     """The versions this folder was written with (the card's 'Software' line)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for name in ("llamaforge", "torch", "transformers", "tokenizers", "safetensors"):
         try:
@@ -60,22 +58,6 @@ def software_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
-
-
-def _latest_state(run_dir: Path) -> dict:
-    from .train.checkpoint import checkpoints
-
-    found = checkpoints(run_dir)
-    return json.loads((found[-1] / "state.json").read_text()) if found else {}
-
-
-def _hardware(run_dir: Path) -> str:
-    from .train.metrics import read_metrics
-
-    for r in read_metrics(run_dir):
-        if r.get("event") == "started":
-            return f"{r.get('world', 1)} x {r.get('device', '?')} ({r.get('precision', '?')})"
-    return "unknown"
 
 
 def render_card(rec: dict, repo_name: str = "MODEL") -> str:
@@ -153,9 +135,9 @@ def render_card(rec: dict, repo_name: str = "MODEL") -> str:
     return "\n".join(lines)
 
 
-def write_card(folder: Path, rec: dict, repo_name: str | None = None) -> None:
-    (folder / RECORDS).write_text(json.dumps(rec, indent=2) + "\n")
-    (folder / "README.md").write_text(render_card(rec, repo_name or folder.name))
+def card_files(rec: dict, repo_name: str) -> dict[str, str]:
+    """The files that carry the card in a model folder: llamaforge.json (the records) and README.md."""
+    return {RECORDS: json.dumps(rec, indent=2) + "\n", "README.md": render_card(rec, repo_name)}
 
 
 def read_records(folder: Path) -> dict | None:

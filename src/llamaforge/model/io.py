@@ -3,23 +3,22 @@
 A llamaforge folder holds config.json (with `auto_map`), the two self-contained .py files,
 model.safetensors, generation_config.json and the tokenizer files, so
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` needs nothing from llamaforge.
-Folders are written beside their destination and renamed into place: never half-written.
+Folders are written beside their destination and renamed into place (fsutil.atomic_folder).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from .config import ModelConfig, model_kwargs
-from .errors import UserError
+from ..config import ModelConfig, model_kwargs
+from ..errors import UserError
+from ..fsutil import atomic_folder
+from .convert import from_gpt2, from_llama
 from .hf import LlamaForgeConfig, LlamaForgeForCausalLM
 
 log = logging.getLogger(__name__)
@@ -44,24 +43,12 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "non_embedding": total - embedding}
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move a finished folder into place; an older `out` is removed only after the new one exists."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def save_model(model, tokenizer: PreTrainedTokenizerBase | None, out: str | Path, records: dict | None = None) -> Path:
-    """Write a Hugging Face folder atomically (stock Llama models too: no custom code then), with a
-    model card rendered from `records` (card.model_records) when given."""
+def save_model(model, tokenizer: PreTrainedTokenizerBase | None, out: str | Path,
+               files: dict[str, str] | None = None) -> Path:
+    """Write a Hugging Face folder atomically (stock Llama / GPT-2 models too: no custom code then),
+    plus extra text `files` by name (the model card: publish/card.py renders them)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_folder(out) as tmp:
         model.generation_config = GenerationConfig(
             bos_token_id=model.config.bos_token_id,
             eos_token_id=model.config.eos_token_id,
@@ -71,14 +58,8 @@ def save_model(model, tokenizer: PreTrainedTokenizerBase | None, out: str | Path
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             _set_tokenizer_flags(tmp / "tokenizer_config.json", tokenizer)
-        if records is not None:
-            from .card import write_card
-
-            write_card(tmp, records)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 
@@ -103,17 +84,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
         if model_type == "llamaforge":
             model, info = LlamaForgeForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
         elif model_type == "llama":
-            from transformers import LlamaForCausalLM
-
-            from .convert import from_llama
-
             llama, info = LlamaForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
             model = from_llama(llama)
         elif model_type == "gpt2":
-            from transformers import GPT2LMHeadModel
-
-            from .convert import from_gpt2
-
             gpt2, info = GPT2LMHeadModel.from_pretrained(path, dtype=dtype, output_loading_info=True)
             model = from_gpt2(gpt2)
         else:
@@ -124,47 +97,3 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     if bad:
         raise UserError(f"{path} does not match its config ({bad}); re-export the folder")
     return model.eval()
-
-
-def load_any(path: str | Path) -> tuple[LlamaForgeForCausalLM, Path]:
-    """A model from a Hugging Face folder, a run directory (its final/ or latest checkpoint) or a
-    checkpoint folder; returns it with the folder holding its tokenizer."""
-    from .train.checkpoint import checkpoints, load_weights
-
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist; pass a model folder, run directory or checkpoint")
-    if (path / "config.json").exists():
-        return load_model(path), path
-    if (path / "final" / "config.json").exists():
-        return load_model(path / "final"), path / "final"
-    if not (path / "state.json").exists():
-        found = checkpoints(path)
-        if not found:
-            raise UserError(f"{path} is not a model folder, run directory or checkpoint; pass one of those")
-        path = found[-1]
-    state = json.loads((path / "state.json").read_text())
-    config = LlamaForgeConfig(**{k: v for k, v in state["model_config"].items() if k not in ("architectures", "auto_map")})
-    model = LlamaForgeForCausalLM(config)
-    try:
-        load_weights(path, model)
-    except ValueError as e:
-        raise UserError(f"{e}; the checkpoint is damaged or from another model") from None
-    return model.eval(), path.parent.parent / "tokenizer"
-
-
-def export(model, tokenizer_dir: str, out: str, fmt: str, records: dict) -> None:
-    """Save `model` as a llamaforge, stock Llama or stock GPT-2 folder, with the tokenizer and card."""
-    from .convert import to_gpt2, to_llama
-    from .tokenizer import load_tokenizer
-
-    if fmt == "llama" and model.config.position_embedding_type != "rope":
-        raise UserError("a GPT-2 model exports with --format gpt2, not llama")
-    if fmt == "gpt2":
-        try:
-            model = to_gpt2(model)
-        except ValueError as e:
-            raise UserError(f"{e}; use --format llama or llamaforge") from None
-    elif fmt == "llama":
-        model = to_llama(model)
-    save_model(model, load_tokenizer(tokenizer_dir), out, records)

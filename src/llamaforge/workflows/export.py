@@ -1,0 +1,27 @@
+"""`llamaforge export`: a model folder, run directory or checkpoint written as a llamaforge, stock
+Llama or stock GPT-2 folder, its card carried over (plus any eval results given)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..errors import UserError
+from ..publish.card import model_records, read_records
+from ..publish.export import export
+from ..tokenizer import load_tokenizer
+from .common import load_model_arg
+
+
+def read_eval(path: str | Path) -> dict:
+    if not Path(path).is_file():
+        raise UserError(f"{path} does not exist; pass a results file from `llamaforge eval --out`")
+    return json.loads(Path(path).read_text())
+
+
+def export_model(model_path: str | Path, out: str | Path, fmt: str = "llama", evals: list[str] = ()) -> Path:
+    model, tok_dir = load_model_arg(model_path)
+    results = [read_eval(e) for e in evals]
+    previous = read_records(tok_dir) or {}
+    records = model_records(model, previous.get("tokenizer", "see tokenizer files"), evals=results, previous=previous)
+    return export(model, load_tokenizer(str(tok_dir)), out, fmt, records)

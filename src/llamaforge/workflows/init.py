@@ -1,0 +1,19 @@
+"""`llamaforge init`: a freshly initialized model as a Hugging Face folder with its card."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import RunConfig
+from ..model.io import build_model, count_parameters, save_model
+from ..publish.card import card_files, model_records
+from ..tokenizer import load_tokenizer
+
+
+def init_model(cfg: RunConfig, out: str | Path, tokenizer: str | None = None, seed: int = 0) -> dict[str, int]:
+    """Write the folder; returns the parameter counts."""
+    name = tokenizer or cfg.tokenizer
+    tok = load_tokenizer(name)
+    model = build_model(cfg.model, tok, seed=seed)
+    save_model(model, tok, out, card_files(model_records(model, name), Path(out).name))
+    return count_parameters(model)

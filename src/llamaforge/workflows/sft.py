@@ -1,0 +1,41 @@
+"""`llamaforge sft`: supervised fine-tuning on conversations with the training loop
+(same logging, checkpoints, exact resume, DDP); loss only on assistant tokens (see data/sft.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from ..config import RunConfig
+from ..data.sft import CHAT_TEMPLATE, SFTBatches, SFTStats, chat_prompt, split_val, tokenize_conversations
+from ..publish.card import read_records
+from ..runs import RunRecord
+from ..tokenizer import load_tokenizer
+from ..train.loop import train
+from .common import load_model_arg, publish_final
+
+log = logging.getLogger(__name__)
+
+
+def sft(cfg: RunConfig, model_path: str, data: str, run_dir: str | Path, strict: bool = False,
+        val_fraction: float = 0.05, resume: bool | None = None, progress: bool = True) -> tuple[Path, SFTStats]:
+    model, tok_dir = load_model_arg(model_path)
+    tokenizer = load_tokenizer(str(tok_dir))  # loaded here, so ours to set: the template is saved with final/
+    tokenizer.chat_template = tokenizer.chat_template or CHAT_TEMPLATE
+    convs, stats = tokenize_conversations(data, tokenizer, cfg.train.seq_len, strict)
+    train_set, val_set = split_val(convs, val_fraction)
+    seqs = cfg.train.batch_tokens // cfg.train.seq_len  # conversations per optimizer step
+    if cfg.train.sample_prompt:  # sample in the chat format; the caller's cfg is kept
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, sample_prompt=chat_prompt(tokenizer, cfg.train.sample_prompt)))
+
+    def factory(rank: int, world: int):
+        return SFTBatches(train_set, val_set, seqs, tokenizer.pad_token_id, rank, world, cfg.train.seed,
+                          cfg.train.micro_batch)
+
+    record = RunRecord(previous_card=read_records(tok_dir) or {},
+                       sft={"from": str(model_path), "data": str(data), "train_conversations": len(train_set),
+                            "val_conversations": len(val_set), "skipped": stats.skipped})
+    result = train(cfg, model, tokenizer, factory, run_dir, resume, progress, record)
+    return publish_final(Path(run_dir), result, tokenizer, record), stats

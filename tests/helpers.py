@@ -1,0 +1,45 @@
+"""Helpers the test files share (fixtures live in conftest.py): a small model config, the micro-model
+overrides for CLI runs, and running the CLI in a fresh process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from llamaforge.config import ModelConfig
+
+
+def small_config(**kw) -> ModelConfig:
+    base = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def micro(hidden: int = 32, layers: int = 1, intermediate: int | None = None, heads: int = 2, kv_heads: int = 1,
+          positions: int | None = None) -> list[str]:
+    """`--model.*` overrides that shrink a preset to a micro model (seconds per step on a CPU)."""
+    out = ["--model.hidden_size", str(hidden), "--model.intermediate_size", str(intermediate or 2 * hidden),
+           "--model.num_hidden_layers", str(layers), "--model.num_attention_heads", str(heads),
+           "--model.num_key_value_heads", str(kv_heads)]
+    if positions:
+        out += ["--model.max_position_embeddings", str(positions)]
+    return out
+
+
+def run_cli(*args, check_rc=None, **kw) -> subprocess.CompletedProcess:
+    """Run `python -m llamaforge ARGS` in a fresh process."""
+    done = subprocess.run([sys.executable, "-m", "llamaforge", *map(str, args)], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, **kw)
+    if check_rc is not None:
+        assert done.returncode == check_rc, done.stderr[-3000:]
+    return done
+
+
+def assert_user_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    """Exit 2, one line on stderr starting 'llamaforge: error:', naming the problem; no traceback."""
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("llamaforge: error:"), done.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
