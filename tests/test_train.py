@@ -186,7 +186,10 @@ def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     over = [a.lstrip("-").replace("batch-tokens", "train.batch_tokens").replace("lr", "train.lr") + "=" + b
             for a, b in zip(MICRO[::2], MICRO[1::2])]
     cfg = load_config("tiny", overrides=over + ["train.max_steps=4", "train.save_every=2", "train.eval_every=0"])
-    pretrain(cfg, data, tmp_path / "r", progress=False)
+    from llamaforge.errors import UserError
+
+    with pytest.raises(UserError, match=r"step 4 could not be written .*step_2 is intact"):  # stops cleanly
+        pretrain(cfg, data, tmp_path / "r", progress=False)
     (only,) = checkpoints(tmp_path / "r")
     assert only.name == "step_2" and (only / "optimizer.pt").exists()
     events = [r.get("event") for r in read_metrics(tmp_path / "r")]
@@ -245,3 +248,32 @@ def test_compiled_training_matches_eager(data, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = losses(eager), losses(compiled)
     assert sorted(b) == [1, 2] and all(abs(a[s] - b[s]) <= 1e-4 for s in a), (a, b)
+
+
+@pytest.mark.slow
+def test_stress_sigkill_at_random_moments_then_resume_is_exact(data, tmp_path):
+    """Kill at random moments (between steps, inside a checkpoint write, right after a rename, during
+    evaluation and the sample, during the final export), resume, and compare every step's loss with an
+    uninterrupted run. LLAMAFORGE_STRESS_ITERATIONS sets the number of kills (default 12)."""
+    import random
+
+    args = ("--max-steps", 12, "--save-every", 2, "--eval-every", 3)
+    straight = tmp_path / "straight"
+    start = time.time()
+    subprocess.run(train_cmd(data, straight, *args), check=True, capture_output=True)
+    duration = time.time() - start
+    want = losses(straight)
+    rng = random.Random(0)
+    for i in range(int(os.environ.get("LLAMAFORGE_STRESS_ITERATIONS", "12"))):
+        run = tmp_path / f"k{i}"
+        for _ in range(3):  # up to three kills in one run, each at a random moment
+            proc = subprocess.Popen(train_cmd(data, run, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                proc.wait(timeout=rng.uniform(0.3, 1.0) * duration)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        subprocess.run(train_cmd(data, run, *args), check=True, capture_output=True)
+        got = losses(run)
+        bad = {s: (got.get(s), want[s]) for s in want if got.get(s) != want[s]}
+        assert not bad, f"kill round {i}: steps differ {bad}"

@@ -289,6 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llamaforge: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # disk full, permission, read-only: the machine, not the input or a bug
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"llamaforge: error: {e.strerror or e}{where}; free disk space or fix the permissions and run the "
+              "same command again", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: one line by default, the traceback with -v
+        if "-v" in argv or "--verbose" in argv:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        print(f"llamaforge: internal error: {type(e).__name__}: {first}; rerun with -v for the traceback and "
+              "report it", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
@@ -86,16 +87,41 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
         file = path
     try:
         if file:
-            if not Path(file).exists():
-                raise UserError(f"config file {file} does not exist; pass an existing YAML file")
-            layers.append(OmegaConf.load(file))
+            if not Path(file).is_file():
+                raise UserError(f"config file {file} does not exist or is not a file; pass an existing YAML file")
+            try:
+                loaded = OmegaConf.load(file)
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise UserError(f"config file {file} is not valid YAML ({str(e).splitlines()[0]}); fix it") from None
+            if not isinstance(loaded, DictConfig):
+                raise UserError(f"config file {file} is not a mapping of sections (model:, train:); fix it")
+            layers.append(loaded)
         layers.append(OmegaConf.from_dotlist(list(overrides)))
         merged = OmegaConf.merge(*layers)
-    except OmegaConfBaseException as e:
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, ValueError) as e:
         raise UserError(f"bad configuration: {str(e).splitlines()[0]}; check the key names and types") from None
-    cfg: RunConfig = OmegaConf.to_object(merged)
     validate_model(cfg.model)
+    validate_train(cfg.train)
     return cfg
+
+
+# train fields that must be > 0, and those that must be >= 0 (0 = off)
+_POSITIVE = ("seq_len", "batch_tokens", "micro_batch", "max_steps", "lr", "eval_tokens", "keep_last", "max_bad_steps")
+_NON_NEGATIVE = ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every")
+
+
+def validate_train(t: TrainConfig) -> None:
+    """Numbers that cannot run are refused here, before any work (not as a ZeroDivisionError later)."""
+    for name in _POSITIVE:
+        if not getattr(t, name) > 0:
+            raise UserError(f"train.{name} is {getattr(t, name)}; it must be positive")
+    for name in _NON_NEGATIVE:
+        if not getattr(t, name) >= 0:
+            raise UserError(f"train.{name} is {getattr(t, name)}; it must be 0 or more")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(t, name) < 1:
+            raise UserError(f"train.{name} is {getattr(t, name)}; it must be in [0, 1)")
 
 
 def validate_model(m: ModelConfig) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import UserError
 
 
 def fsync_dir(path: Path) -> None:
@@ -58,12 +60,38 @@ def remove_stale(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
+def check_replaceable(out: str | Path, ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse (UserError) to replace an existing `out` unless it is missing, an empty folder, or a
+    `what` that llamaforge wrote (`ours(out)` recognizes it). Nothing is touched either way."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_dir() and not out.is_symlink() and (not any(out.iterdir()) or ours(out)):
+        return
+    kind = "a file" if out.is_file() else "a link" if out.is_symlink() else "a folder"
+    raise UserError(f"{out} is {kind} that llamaforge did not write (not a {what}); it was left untouched: "
+                    "pass another --out or move it away")
+
+
+def check_replaceable_file(out: Path, ours: Callable[[Path], bool], what: str) -> None:
+    """Refuse (UserError) to overwrite an existing file that is not a `what` llamaforge wrote, or a folder."""
+    out = Path(out)
+    if out.is_dir():
+        raise UserError(f"{out} is a folder; it was left untouched: pass a file name (a {what}) to --out")
+    if out.exists() and not ours(out):
+        raise UserError(f"{out} is a file that llamaforge did not write (not a {what}); it was left untouched: "
+                        "pass another --out or move it away")
+
+
 @contextmanager
-def atomic_folder(out: str | Path) -> Iterator[Path]:
+def atomic_folder(out: str | Path, ours: Callable[[Path], bool] | None = None, what: str = "") -> Iterator[Path]:
     """Yield an empty temporary folder beside `out`; when the block ends without an exception its
     files are fsynced and it replaces `out` (an older `out` is removed only after the new one is in
-    place). On an exception the temporary folder is removed and `out` is untouched."""
+    place). On an exception the temporary folder is removed and `out` is untouched. With `ours`, an
+    existing `out` that llamaforge did not write is refused before anything is written."""
     out = Path(out)
+    if ours is not None:
+        check_replaceable(out, ours, what)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -16,13 +16,18 @@ folder, a run directory or a checkpoint) to where its weights and tokenizer are.
 from __future__ import annotations
 
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from .errors import UserError
 
-CONFIG, METRICS, TOKENIZER, CHECKPOINTS, FINAL, POSITIONS, STATE = (
-    "config.yaml", "metrics.jsonl", "tokenizer", "checkpoints", "final", "positions.json", "state.json")
+CONFIG, METRICS, TOKENIZER, CHECKPOINTS, FINAL, POSITIONS, STATE, LOCK = (
+    "config.yaml", "metrics.jsonl", "tokenizer", "checkpoints", "final", "positions.json", "state.json", ".lock")
 
 
 def config_path(run: Path) -> Path:
@@ -53,6 +58,53 @@ def positions_path(run: Path) -> Path:
     return Path(run) / POSITIONS
 
 
+def is_run_dir(path: Path) -> bool:
+    """A run directory llamaforge wrote (or began to write)."""
+    return any((Path(path) / name).exists() for name in (CONFIG, METRICS, CHECKPOINTS, LOCK))
+
+
+def check_run_dir(path: Path) -> None:
+    """Refuse, before anything is written, an --out that holds files of someone else's."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} is a file, not a run directory; it was left untouched: pass another --out")
+    if path.is_dir() and any(path.iterdir()) and not is_run_dir(path):
+        raise UserError(f"{path} holds files that llamaforge did not write (no {CONFIG}, {METRICS} or {CHECKPOINTS}/); "
+                        "it was left untouched: pass another --out")
+
+
+@contextmanager
+def locked(lock_file: Path, what: Path) -> Iterator[None]:
+    """Hold an OS file lock (filelock; flock on Linux) on `lock_file` while `what` is in use: it dies
+    with its process, so a SIGKILL never leaves a stale lock. A second process is refused at once,
+    with the holder's PID (kept in LOCK_FILE.pid)."""
+    lock_file = Path(lock_file)
+    owner = lock_file.with_name(lock_file.name + ".pid")
+    lock = FileLock(str(lock_file), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        try:
+            pid = owner.read_text().strip() or "?"
+        except OSError:
+            pid = "?"
+        raise UserError(f"{what} is in use by another llamaforge process (PID {pid}); wait for it to finish "
+                        f"or stop it, or pass another --out") from None
+    try:
+        owner.write_text(str(os.getpid()))
+        yield
+    finally:
+        lock.release()
+
+
+@contextmanager
+def lock_run(run: Path) -> Iterator[None]:
+    """Create RUN_DIR if needed and hold its lock (RUN_DIR/.lock)."""
+    Path(run).mkdir(parents=True, exist_ok=True)
+    with locked(Path(run) / LOCK, Path(run)):
+        yield
+
+
 def checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints (their state.json written last), oldest first."""
     found = [p for p in checkpoints_dir(run).glob("step_*") if p.is_dir() and (p / STATE).exists()
@@ -69,9 +121,22 @@ def latest_state(run: Path) -> dict:
     return read_state(found[-1]) if found else {}
 
 
+def parse_metrics(text: str) -> list[dict]:
+    """Records of metrics.jsonl; a damaged line (a partial last line after a power cut) is skipped."""
+    out = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "type" in record:
+            out.append(record)
+    return out
+
+
 def read_metrics(run: Path) -> list[dict]:
     path = metrics_path(run)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return parse_metrics(path.read_text(errors="replace")) if path.exists() else []
 
 
 @dataclass

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -29,19 +30,36 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..fsutil import atomic_folder
+from ..fsutil import atomic_folder, check_replaceable
+from ..runs import locked
 from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 from .sources import SourceStats, iter_documents
 
 log = logging.getLogger(__name__)
 FORMAT = "llamaforge-tokens-v1"
 BATCH_BYTES = 2 << 20  # text per worker task: large enough to amortize IPC, small enough to bound memory
+PIECE_CHARS = 1 << 18  # longer documents are tokenized piece by piece (bounded memory, same ids)
 
 _worker_tok = None  # per worker process: the Rust tokenizer
 
 
-def _init_worker(tokenizer_json: str, threads: bool) -> None:
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this worker when the parent dies (even by SIGKILL), so a killed
+    `prepare` never leaves ~400 MB tokenizer processes behind."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _init_worker(tokenizer_json: str, threads: bool, parent: int | None = None) -> None:
     global _worker_tok
+    if parent is not None:
+        _die_with_parent()
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
     if not threads:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core instead
     from tokenizers import Tokenizer
@@ -64,15 +82,40 @@ class Encoded:
     empty: int
 
 
+def _pieces(text: str) -> list[str]:
+    """A long document cut at single spaces into pieces of about PIECE_CHARS, each space dropped: with
+    a sentencepiece-style tokenizer (a "▁" prefix added to each piece) the pieces' ids concatenate
+    to the whole document's ids, and the tokenizer's memory stays bounded for any document size."""
+    out, start = [], 0
+    while len(text) - start > PIECE_CHARS:
+        cut = text.find(" ", start + PIECE_CHARS)
+        while cut != -1 and (text[cut - 1].isspace() or text[cut + 1 : cut + 2].isspace()):
+            cut = text.find(" ", cut + 1)  # a single space between two non-spaces only
+        if cut == -1:
+            break
+        out.append(text[start:cut])
+        start = cut + 1
+    out.append(text[start:])
+    return out
+
+
+def _ids(text: str) -> list[int]:
+    if len(text) <= PIECE_CHARS:
+        return _worker_tok.encode(text, add_special_tokens=False).ids
+    return [i for piece in _pieces(text) for i in _worker_tok.encode(piece, add_special_tokens=False).ids]
+
+
 def _encode(texts: list[str], bos: int, eos: int, val_fraction: float, dtype: str) -> Encoded:
     keep = [t for t in texts if t.strip()]
-    enc = _worker_tok.encode_batch_fast(keep, add_special_tokens=False)
+    short = [t for t in keep if len(t) <= PIECE_CHARS]
+    enc = iter(_worker_tok.encode_batch_fast(short, add_special_tokens=False))
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     out = Encoded({}, {"train": 0, "val": 0}, {"train": 0, "val": 0}, len(texts) - len(keep))
-    for text, e in zip(keep, enc):
+    for text in keep:
+        ids = next(enc).ids if len(text) <= PIECE_CHARS else _ids(text)
         raw = text.encode("utf-8")
         split = "val" if held_out(raw, val_fraction) else "train"
-        parts[split].append(np.array([bos, *e.ids, eos], dtype=dtype))
+        parts[split].append(np.array([bos, *ids, eos], dtype=dtype))
         out.docs[split] += 1
         out.nbytes[split] += len(raw)
     out.ids = {k: np.concatenate(v) if v else np.zeros(0, dtype) for k, v in parts.items()}
@@ -119,14 +162,16 @@ def prepare(source: str, out: str | Path, tokenizer: str = "mistral", val_fracti
     out = Path(out)
     tok = load_tokenizer(tokenizer)
     settings = Settings(source, tokenizer, tokenizer_fingerprint(tok), text_field, val_fraction)
-    meta_path = out / "meta.json"
-    if meta_path.exists() and not force:
-        meta = json.loads(meta_path.read_text())
+    if is_data_folder(out) and not force:
+        meta = read_meta(out)
         if settings.matches(meta):
             log.info("%s is already prepared with these settings", out)
             return meta
         raise UserError(f"{out} holds data prepared with other settings; pass --force to replace it or another --out")
-    with atomic_folder(out) as tmp:
+    check_replaceable(out, is_data_folder, "data folder with llamaforge's meta.json")  # before any file is made
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with locked(out.parent / f".{out.name}.lock", out), \
+            atomic_folder(out, is_data_folder, "data folder with llamaforge's meta.json") as tmp:
         meta = _write(tok, settings, tmp, workers, progress)
         tok.save_pretrained(tmp / "tokenizer")
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -161,7 +206,8 @@ def _write(tok, settings: Settings, tmp: Path, workers: int, progress: bool) -> 
             for batch in _batches(docs):
                 write(_encode(batch, *args))
         else:
-            with ProcessPoolExecutor(workers, initializer=_init_worker, initargs=(tokenizer_json, workers == 1)) as pool:
+            with ProcessPoolExecutor(workers, initializer=_init_worker,
+                                     initargs=(tokenizer_json, workers == 1, os.getpid())) as pool:
                 pending: deque = deque()
                 for batch in _batches(docs):
                     pending.append(pool.submit(_encode, batch, *args))
@@ -188,13 +234,33 @@ def _write(tok, settings: Settings, tmp: Path, workers: int, progress: bool) -> 
     return meta
 
 
+def is_data_folder(path: Path) -> bool:
+    """A folder `prepare` wrote (its meta.json names our format), so `--force` may replace it."""
+    try:
+        return json.loads((Path(path) / "meta.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def read_meta(data_dir: str | Path) -> dict:
+    """meta.json of a prepared data folder, checked: every field the readers use is there and sane."""
     path = Path(data_dir) / "meta.json"
-    if not path.exists():
+    if not path.is_file():
         raise UserError(f"{data_dir} is not prepared data (no meta.json); run `llamaforge prepare --out {data_dir}` first")
-    meta = json.loads(path.read_text())
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{path} has format {meta.get('format')!r}, expected {FORMAT}; prepare the data again")
+    try:
+        meta = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; prepare the data again (`llamaforge prepare --force`)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"{path} has format {found!r}, expected {FORMAT}; prepare the data again")
+    try:
+        ok = (meta["dtype"] in ("uint16", "uint32") and int(meta["vocab_size"]) > 0 and all(
+            int(meta["splits"][s]["tokens"]) >= 0 and int(meta["splits"][s]["bytes"]) >= 0 for s in ("train", "val")))
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"{path} lacks a field or has a wrong one (dtype, vocab_size, splits); prepare the data again")
     return meta
 
 
@@ -202,9 +268,14 @@ def open_split(data_dir: str | Path, split: str) -> np.memmap:
     """The token file of a split, memory-mapped read-only."""
     meta = read_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
-    if meta["splits"][split]["tokens"] == 0:
+    tokens, dtype = int(meta["splits"][split]["tokens"]), np.dtype(meta["dtype"]).newbyteorder("<")
+    size = path.stat().st_size if path.is_file() else -1
+    if size != tokens * dtype.itemsize:
+        state = "missing" if size < 0 else f"{size:,} bytes, expected {tokens * dtype.itemsize:,}"
+        raise UserError(f"{path} is {state} (truncated or replaced); prepare the data again")
+    if tokens == 0:
         return np.zeros(0, dtype=meta["dtype"])
-    return np.memmap(path, dtype=np.dtype(meta["dtype"]).newbyteorder("<"), mode="r")
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 def unigram_entropy(data_dir: str | Path, split: str = "train") -> float:

@@ -13,6 +13,7 @@ Tasks written as lm-eval YAML (absolute data paths) into the cache:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -110,10 +111,15 @@ def write_tasks(folder: Path, rows: list[dict], prefix: str = "mmlu_offline") ->
     return folder
 
 
+def selection_tag(subjects: list[str] | None) -> str:
+    """A hash of the whole subject selection: two selections never share a cache folder (a name cut
+    to 100 characters once made an 8-subject request reuse a 7-subject folder)."""
+    return "all" if not subjects else hashlib.sha256(",".join(sorted(set(subjects))).encode()).hexdigest()[:16]
+
+
 def mmlu_task_dir(subjects: list[str] | None = None) -> Path:
     """The include_path holding mmlu_offline(_100), built once (per subject selection) in the cache."""
-    tag = "all" if not subjects else "-".join(sorted(subjects))[:100]
-    folder = cache_dir() / "lm_eval_tasks" / f"mmlu-{tag}"
+    folder = cache_dir() / "lm_eval_tasks" / f"mmlu-{selection_tag(subjects)}"
     if not (folder / "mmlu_offline_100.yaml").exists():
         write_tasks(folder, build_rows(carried_folder(OLMO), subjects))
     return folder

@@ -22,6 +22,12 @@ from .convert import from_gpt2, from_llama
 from .hf import LlamaForgeConfig, LlamaForgeForCausalLM
 
 log = logging.getLogger(__name__)
+RECORDS = "llamaforge.json"  # what is known about the model (publish/card.py); also marks the folder as ours
+
+
+def is_model_folder(path: Path) -> bool:
+    """A Hugging Face folder llamaforge wrote (config.json + llamaforge.json), so it may be replaced."""
+    return (Path(path) / "config.json").is_file() and (Path(path) / RECORDS).is_file()
 
 
 def build_model(m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> LlamaForgeForCausalLM:
@@ -48,7 +54,7 @@ def save_model(model, tokenizer: PreTrainedTokenizerBase | None, out: str | Path
     """Write a Hugging Face folder atomically (stock Llama / GPT-2 models too: no custom code then),
     plus extra text `files` by name (the model card: publish/card.py renders them)."""
     out = Path(out)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, is_model_folder, "model folder with config.json and llamaforge.json") as tmp:
         model.generation_config = GenerationConfig(
             bos_token_id=model.config.bos_token_id,
             eos_token_id=model.config.eos_token_id,
@@ -79,7 +85,10 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
         raise UserError(f"{path} is not a model folder (no config.json); pass a folder written by init, train or export")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise UserError(f"{path} has no weights (*.safetensors); pass a folder written by init, train or export")
-    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        raise UserError(f"{path / 'config.json'} is not a valid JSON config; re-export the folder") from None
     try:
         if model_type == "llamaforge":
             model, info = LlamaForgeForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)

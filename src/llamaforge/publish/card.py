@@ -14,10 +14,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..model.io import count_parameters
+from ..model.io import RECORDS, count_parameters
 from ..runs import config_path, hardware, latest_state, run_summary
-
-RECORDS = "llamaforge.json"
 
 
 def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals: list[dict] = (),

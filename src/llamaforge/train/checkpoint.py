@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save_file, save_model
 
 from ..fsutil import atomic_folder
@@ -67,10 +69,48 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     return checkpoint_dir(run_dir, step)
 
 
+def problem(path: Path) -> str | None:
+    """Why checkpoint `path` cannot be resumed from (truncated or garbage files), or None if it can."""
+    path = Path(path)
+    try:
+        state = read_state(path)
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"state.json is unreadable ({type(e).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
+            not all(isinstance(state.get(k), dict) for k in ("scheduler", "loader", "model_config")):
+        return "state.json lacks step, scheduler, loader or model_config"
+    try:
+        with safe_open(str(path / "model.safetensors"), "pt") as f:  # checks the header against the file size
+            if not list(f.keys()):
+                return "model.safetensors holds no tensors"
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        return f"model.safetensors is damaged ({type(e).__name__})"
+    for name in ("optimizer.pt", "rng.pt"):
+        try:
+            zipfile.ZipFile(path / name).close()  # torch.save writes a zip; a truncated one has no directory
+        except (OSError, zipfile.BadZipFile):
+            return f"{name} is missing or truncated"
+    return None
+
+
+def newest_valid(found: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint that passes `problem`, and the (newer) ones rejected with the reason."""
+    rejected = []
+    for path in reversed(found):
+        why = problem(path)
+        if why is None:
+            return path, rejected
+        rejected.append((path, why))
+    return None, rejected
+
+
 def load_weights(path: Path, model) -> dict:
     """Restore the model's weights in place; returns state.json's content."""
     path = Path(path)
-    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    except RuntimeError as e:  # a tensor of another shape
+        raise ValueError(f"checkpoint {path} does not fit the model ({str(e).strip().splitlines()[-1][:200]})") from None
     tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
     if set(missing) - tied or unexpected:
         raise ValueError(f"checkpoint {path} does not fit the model (missing {sorted(missing)[:3]}, "

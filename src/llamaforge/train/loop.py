@@ -119,6 +119,12 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     t = cfg.train
     check_runnable(cfg, model.config, d.world)
     found = ckpt.checkpoints(run_dir)
+    usable, rejected = ckpt.newest_valid(found)
+    if found and usable is None:
+        raise UserError(f"no usable checkpoint in {run_dir / 'checkpoints'} ({rejected[0][1]} in {rejected[0][0].name}, "
+                        f"{len(rejected)} damaged); move the damaged step_N folders away to start over, or pass another --out")
+    for path, why in rejected:  # one line each; the run goes on from `usable`
+        log.warning("checkpoint %s is damaged (%s); resuming from %s", path.name, why, usable.name)
     if resume is True and not found:
         raise UserError(f"--resume: {run_dir} has no checkpoint; drop --resume to start a new run")
     if resume is False and found:
@@ -130,19 +136,22 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     if t.activation_checkpointing:
         model.model.gradient_checkpointing = True
     step, tokens_seen = 0, 0
-    if d.main:
+    try:  # before wrapping: plain tensors
+        state = ckpt.load_weights(usable, model) if usable else None
+    except ValueError as e:
+        raise UserError(f"{e}; resume with the model settings the run was started with, or pass another --out") from None
+    if d.main:  # written only once the configuration and the checkpoint have been checked
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.clean_partial(run_dir)
         save_config(cfg, config_path(run_dir))
         if not tokenizer_dir(run_dir).exists():
             tokenizer.save_pretrained(tokenizer_dir(run_dir))  # checkpoints load with it (runs.resolve_model)
-    state = ckpt.load_weights(found[-1], model) if found else None  # before wrapping: plain tensors
     wrapped = wrap(model, d, t.fsdp)  # FSDP2 replaces parameters: the optimizer is built after this
     optimizer = build_optimizer(wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     sharded = t.fsdp and d.world > 1
     if state is not None:
-        ckpt.load_training_state(found[-1], wrapped, optimizer, sharded)
+        ckpt.load_training_state(usable, wrapped, optimizer, sharded)
         scheduler.load_state_dict(state["scheduler"])
         batches.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
@@ -153,8 +162,10 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
                             config=asdict(cfg), truncate_after_step=step)
     metrics.log("event", step, event="started", device=device_name(device), world=d.world,
                 precision="bf16 autocast" if uses_bf16(device) else "fp32", fsdp=sharded)
-    if found:
-        metrics.log("event", step, event="resumed", checkpoint=found[-1].name)
+    for path, why in rejected:
+        metrics.log("event", step, event="checkpoint_invalid", checkpoint=path.name, reason=why)
+    if usable:
+        metrics.log("event", step, event="resumed", checkpoint=usable.name)
     run_model = torch.compile(wrapped) if t.compile else wrapped
     eval_model = unwrap(wrapped)
     peak = matmul_peak_flops(device, torch.bfloat16 if uses_bf16(device) else torch.float32)
@@ -171,9 +182,13 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         try:
             path = ckpt.save_checkpoint(run_dir, step, model, optimizer, state(), keep=t.keep_last, full=full)
             metrics.log("event", step, event="checkpoint", path=str(path.relative_to(run_dir)), reason=tag)
-        except OSError as e:
-            log.error("checkpoint at step %d failed (%s); the previous checkpoint is intact", step, e)
-            metrics.log("event", step, event="checkpoint_failed", error=str(e))
+        except Exception as e:  # noqa: BLE001 - disk full, read-only, permission, safetensors' own errors
+            metrics.log("event", step, event="checkpoint_failed", error=f"{type(e).__name__}: {e}")
+            previous = ckpt.checkpoints(run_dir)
+            kept = f"{previous[-1].relative_to(run_dir)} is intact" if previous else "no earlier checkpoint exists"
+            raise UserError(f"the checkpoint of step {step} could not be written ({str(e).splitlines()[0][:160]}); "
+                            f"{kept}: free disk space or fix the permissions, then run the same command "
+                            "to resume") from None
 
     def evaluate() -> None:
         s = windowed_loss(eval_model, batches.eval_batches(), device, autocast=functools.partial(autocast_context, device))

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from ..runs import metrics_path
+from ..fsutil import atomic_write_bytes
+from ..runs import metrics_path, parse_metrics
 
 log = logging.getLogger(__name__)
 
@@ -90,10 +91,10 @@ class MetricsLogger:
             self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {})
 
     def _truncate(self, step: int) -> None:
-        """Drop records past the checkpoint we resume from: the resumed run writes them again."""
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        """Drop records past the checkpoint we resume from (the resumed run writes them again) and any
+        damaged line (a partial last line after a power cut); rewritten atomically."""
+        keep = [r for r in parse_metrics(self.path.read_text(errors="replace")) if r.get("step", 0) <= step]
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def log(self, kind: str, step: int, **values) -> None:
         if not self.enabled:

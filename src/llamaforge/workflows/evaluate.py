@@ -8,13 +8,22 @@ from pathlib import Path
 
 import torch
 
+from ..data.prepare import read_meta
 from ..errors import UserError, require_extra
 from ..eval.harness import run_tasks
 from ..eval.mmlu import mmlu_task_dir
 from ..eval.perplexity import perplexity_on_split, perplexity_on_text
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, check_replaceable_file
 from ..tokenizer import load_tokenizer
-from .common import load_model_arg
+from .common import check_vocab, load_model_arg
+
+
+def is_results_file(path: Path) -> bool:
+    try:
+        d = json.loads(Path(path).read_text())
+        return isinstance(d, dict) and {"model", "perplexity", "tasks"} <= set(d)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
 
 
 def evaluate(model_path: str, *, data_dir: str | None = None, text: str | None = None, tasks: list[str] = (),
@@ -28,7 +37,13 @@ def evaluate(model_path: str, *, data_dir: str | None = None, text: str | None =
         raise UserError(f"--irt-params {irt_params} does not exist; pass tinyBenchmarks.pkl or leave it out")
     if tasks:  # before the model is loaded and perplexity is spent
         require_extra("lm_eval", "eval")
+    if out is not None:
+        check_replaceable_file(Path(out), is_results_file, "results file from `llamaforge eval`")
+    if max_tokens is not None and max_tokens < 1:
+        raise UserError(f"--max-tokens {max_tokens} must be at least 1")
     model, tok_dir = load_model_arg(model_path)
+    if data_dir:
+        check_vocab(model, read_meta(data_dir)["vocab_size"], str(data_dir))
     model = model.float().to("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(str(tok_dir))
     result: dict = {"model": str(model_path), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": "float32",

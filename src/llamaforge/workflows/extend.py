@@ -30,7 +30,7 @@ from ..publish.card import read_records
 from ..runs import RunRecord, positions_path
 from ..tokenizer import load_tokenizer
 from ..train.loop import train
-from .common import load_model_arg, publish_final
+from .common import check_vocab, load_model_arg, publish_final, run_directory
 from .pretrain import data_record
 
 log = logging.getLogger(__name__)
@@ -113,9 +113,11 @@ def extend(cfg: RunConfig, model_path: str, data_dir: str | Path, run_dir: str |
     record = RunRecord(tokenizer=meta["tokenizer"], data=data, previous_card=read_records(tok_dir) or {},
                        extend={"from": str(model_path), "trained_len": base.config.max_position_embeddings,
                                "seq_len": seq_len, "factor": factor})
-    result = train(cfg, model, tokenizer, lambda r, w: PretrainBatches(data_dir, cfg.train, r, w), run_dir, resume,
-                   progress, record)
-    final = publish_final(Path(run_dir), result, tokenizer, record)
+    check_vocab(model, meta["vocab_size"], str(data_dir))
+    with run_directory(run_dir):
+        result = train(cfg, model, tokenizer, lambda r, w: PretrainBatches(data_dir, cfg.train, r, w), run_dir, resume,
+                       progress, record)
+        final = publish_final(Path(run_dir), result, tokenizer, record)
     if result.main:
         tuned = result.model.cpu().eval()
         tokens, split = open_split(data_dir, "val"), "val"

@@ -14,6 +14,21 @@ from ..model.io import load_model
 from ..tokenizer import load_tokenizer
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                   repetition_penalty: float) -> None:
+    """Refuse settings that transformers would silently ignore or turn into nonsense."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
+    if not temperature >= 0:
+        raise UserError(f"--temperature {temperature} must be 0 (greedy) or more")
+    if top_k is not None and top_k < 0:
+        raise UserError(f"--top-k {top_k} must be 0 (off) or more")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p} must be in (0, 1]")
+    if not repetition_penalty > 0:
+        raise UserError(f"--repetition-penalty {repetition_penalty} must be positive")
+
+
 def load_for_generation(model_dir: str | Path, prompts: list[str], chat: bool = False):
     """(model, tokenizer, prompts) for a model folder; with `chat` each prompt becomes a user turn."""
     if not prompts:
@@ -42,7 +57,12 @@ def generate(
     single prompt's tokens are written to stdout as they are produced (TextStreamer)."""
     if stream and len(prompts) != 1:
         raise ValueError("streaming needs exactly one prompt")
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")  # the tokenizer is not changed
+    limit = model.config.max_position_embeddings
+    if model.config.position_embedding_type == "learned" and batch["input_ids"].shape[1] + max_new_tokens > limit:
+        raise UserError(f"prompt ({batch['input_ids'].shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds "
+                        f"this model's {limit} learned positions; shorten the prompt or lower --max-new-tokens")
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     torch.manual_seed(seed)
@@ -52,7 +72,7 @@ def generate(
         max_new_tokens=max_new_tokens,
         do_sample=sample,
         temperature=temperature if sample else None,
-        top_k=top_k if sample else None,
+        top_k=(top_k or None) if sample else None,
         top_p=top_p if sample else None,
         repetition_penalty=repetition_penalty,
         eos_token_id=tokenizer.eos_token_id,

@@ -12,7 +12,7 @@ from ..model.io import build_model
 from ..runs import RunRecord
 from ..tokenizer import load_tokenizer
 from ..train.loop import train
-from .common import publish_final
+from .common import publish_final, run_directory
 
 
 def data_record(data_dir: str | Path) -> tuple[dict, dict]:
@@ -31,6 +31,7 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume: 
                         "set --model.vocab_size")
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed)
     record = RunRecord(tokenizer=meta["tokenizer"], data=data)
-    result = train(cfg, model, tokenizer, lambda rank, world: PretrainBatches(data_dir, cfg.train, rank, world),
-                   run_dir, resume, progress, record)
-    return publish_final(Path(run_dir), result, tokenizer, record)
+    with run_directory(run_dir):
+        result = train(cfg, model, tokenizer, lambda rank, world: PretrainBatches(data_dir, cfg.train, rank, world),
+                       run_dir, resume, progress, record)
+        return publish_final(Path(run_dir), result, tokenizer, record)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError, require_extra
-from ..fsutil import atomic_write_bytes
+from ..fsutil import atomic_write_bytes, check_replaceable
 from ..publish.card import read_records
 from ..runs import checkpoints, config_path, final_dir, metrics_path, positions_path, read_metrics, read_state, run_summary
 
@@ -123,6 +123,7 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
             raise UserError(f"eval result {e} does not exist; pass a file written by `llamaforge eval --out`")
         results.append((Path(e), json.loads(Path(e).read_text())))
     out = Path(out)
+    check_replaceable(out, lambda p: (p / "report.md").is_file(), "report folder (report.md)")
     out.mkdir(parents=True, exist_ok=True)
     recs = {r.name: read_metrics(r) for r in runs}
     figs = []

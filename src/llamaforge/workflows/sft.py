@@ -13,7 +13,7 @@ from ..publish.card import read_records
 from ..runs import RunRecord
 from ..tokenizer import load_tokenizer
 from ..train.loop import train
-from .common import load_model_arg, publish_final
+from .common import check_vocab, load_model_arg, publish_final, run_directory
 
 log = logging.getLogger(__name__)
 
@@ -37,5 +37,7 @@ def sft(cfg: RunConfig, model_path: str, data: str, run_dir: str | Path, strict:
     record = RunRecord(previous_card=read_records(tok_dir) or {},
                        sft={"from": str(model_path), "data": str(data), "train_conversations": len(train_set),
                             "val_conversations": len(val_set), "skipped": stats.skipped})
-    result = train(cfg, model, tokenizer, factory, run_dir, resume, progress, record)
-    return publish_final(Path(run_dir), result, tokenizer, record), stats
+    check_vocab(model, len(tokenizer), f"the tokenizer of {model_path}")
+    with run_directory(run_dir):
+        result = train(cfg, model, tokenizer, factory, run_dir, resume, progress, record)
+        return publish_final(Path(run_dir), result, tokenizer, record), stats

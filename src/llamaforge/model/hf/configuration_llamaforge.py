@@ -55,6 +55,14 @@ class LlamaForgeConfig(PretrainedConfig):
                 raise ValueError(f"model.{name} {value!r} is not supported; use one of {', '.join(allowed)}")
         if num_key_value_heads is None:
             num_key_value_heads = num_attention_heads
+        for name, value in (("vocab_size", vocab_size), ("hidden_size", hidden_size),
+                            ("intermediate_size", intermediate_size), ("num_hidden_layers", num_hidden_layers),
+                            ("num_attention_heads", num_attention_heads), ("num_key_value_heads", num_key_value_heads),
+                            ("max_position_embeddings", max_position_embeddings)):
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"model.{name} is {value!r}; it must be a positive whole number")
+        if not rms_norm_eps > 0 or not rope_theta > 0:
+            raise ValueError("model.rms_norm_eps and model.rope_theta must be positive")
         if hidden_size % num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}; "
