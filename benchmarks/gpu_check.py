@@ -24,17 +24,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), TFLOP/s
-SPEC_BF16_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H100": 756.0,
-                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
-
-
-def spec_peak(name: str) -> float | None:
-    for key in sorted(SPEC_BF16_TFLOPS, key=len, reverse=True):  # most specific first
-        if key in name:
-            return SPEC_BF16_TFLOPS[key] * 1e12
-    return None
-
+from llamaforge.config import load_config
+from llamaforge.data.prepare import prepare
+from llamaforge.model.io import load_model
+from llamaforge.runs import read_metrics
+from llamaforge.train.metrics import spec_peak_flops, train_flops_per_token
+from llamaforge.workflows.pretrain import pretrain
 
 def check_flash(fail: list[str]) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -51,14 +46,11 @@ def check_flash(fail: list[str]) -> None:
             fail.append(f"flash SDPA not eligible with kv heads {n_kv}: {str(e).splitlines()[0]}")
 
 
-def train_run(data: str, out: Path, steps: int, micro: int, compile_: bool) -> dict:
-    from llamaforge.config import load_config
-    from llamaforge.train.loop import pretrain
-    from llamaforge.runs import read_metrics, train_flops_per_token
+def train_run(data: str, out: Path, steps: int, micro: int, compile_: bool, precision: str = "auto") -> dict:
 
     over = [f"train.max_steps={steps}", f"train.micro_batch={micro}", f"train.batch_tokens={micro * 256 * 2}",
             f"train.compile={str(compile_).lower()}", "train.eval_every=0", f"train.save_every={steps}",
-            "train.warmup_steps=10", "train.sample_prompt=''", "train.eval_tokens=65536"]
+            "train.warmup_steps=10", "train.sample_prompt=''", "train.eval_tokens=65536", f"train.precision={precision}"]
     cfg = load_config("llama-150m", overrides=over)
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -67,8 +59,6 @@ def train_run(data: str, out: Path, steps: int, micro: int, compile_: bool) -> d
     recs = [r for r in read_metrics(out) if r["type"] == "train"]
     steady = recs[len(recs) // 5 :]  # after compilation and warm-up
     tps = statistics.median(r["tokens_per_s"] for r in steady)
-    from llamaforge.model.io import load_model
-
     flops = train_flops_per_token(load_model(out / "final").config, 256)
     return {"losses": [r["loss"] for r in recs], "tokens_per_s": tps, "flops_per_s": tps * flops, "wall_s": wall,
             "peak_gb": torch.cuda.max_memory_allocated() / 1e9,
@@ -92,23 +82,21 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data
         if data is None:
-            from llamaforge.data.prepare import prepare
-
             data = str(Path(tmp) / "data")
             prepare("sample", data, progress=False)
         runs = {}
-        for compile_ in (False, True):
-            label = "compile" if compile_ else "eager"
+        for label, compile_, precision in (("eager", False, "auto"), ("compile", True, "auto"), ("fp16", False, "fp16")):
             try:
-                runs[label] = r = train_run(data, Path(tmp) / label, a.steps, a.micro_batch, compile_)
+                runs[label] = r = train_run(data, Path(tmp) / label, a.steps, a.micro_batch, compile_, precision)
             except Exception as e:  # noqa: BLE001 - a check reports every failure and goes on
                 fail.append(f"{label} training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            peak = spec_peak(name)
+            peak = spec_peak_flops(name, torch.bfloat16)
             mfu = f"{r['flops_per_s'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s spec bf16 peak" if peak else "spec peak unknown"
             print(f"{label:>8}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, peak memory {r['peak_gb']:.1f} GB, "
                   f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, wall {r['wall_s']:.0f} s, "
-                  f"precision {r['start'].get('precision')}")
+                  f"precision {r['start'].get('precision')} ({r['start'].get('precision_reason')}), "
+                  f"MFU peak from {r['start'].get('mfu_peak_source')}")
         if len(runs) == 2:
             e, c = runs["eager"]["losses"], runs["compile"]["losses"]
             worst = max(abs(x - y) for x, y in zip(e, c))
@@ -117,6 +105,12 @@ def main(argv=None) -> int:
                 fail.append(f"eager and compiled losses disagree (largest difference {worst:.4f})")
             if not e[-1] < e[0] - 1.0:
                 fail.append(f"the loss did not fall: {e[0]:.3f} -> {e[-1]:.3f}")
+        if "fp16" in runs and "eager" in runs:  # the loss-scaling path older GPUs take, tried here too
+            h = runs["fp16"]["losses"]
+            worst = max(abs(x - y) for x, y in zip(runs["eager"]["losses"], h))
+            print(f"fp16 + GradScaler vs auto: largest per-step loss difference {worst:.4f}")
+            if not h[-1] < h[0] - 1.0 or worst > 0.05 * max(h[0], 1.0):
+                fail.append(f"fp16 with loss scaling does not track the default run (largest difference {worst:.4f})")
     if torch.cuda.device_count() < 2:
         print("DDP / FSDP2 against one GPU: skipped (needs 2+ GPUs)")
     if a.json:

@@ -19,7 +19,8 @@ from llamaforge.data.prepare import prepare
 from llamaforge.runs import checkpoints, read_metrics
 
 TRAIN = ["--preset", "tiny", *micro(positions=64), "--train.seq_len", "32", "--train.micro_batch", "2",
-         "--batch-tokens", "128", "--train.eval_tokens", "128", "--train.sample_prompt", "The", "--eval-every", "0"]
+         "--batch-tokens", "128", "--train.eval_tokens", "128", "--train.sample_prompt", "The", "--eval-every", "0",
+         "--train.precision", "fp32"]
 
 
 def snapshot(root: Path) -> dict[str, str]:

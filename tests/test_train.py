@@ -20,7 +20,8 @@ from llamaforge.train.optim import lr_factor
 from llamaforge.workflows.pretrain import pretrain
 
 MICRO = [*micro(layers=2, positions=64), "--train.seq_len", "32", "--train.micro_batch", "2", "--train.eval_tokens", "512", "--train.warmup_steps", "2",
-         "--train.sample_prompt", "The", "--lr", "0.01", "--batch-tokens", "256"]
+         "--train.sample_prompt", "The", "--lr", "0.01", "--batch-tokens", "256",
+         "--train.precision", "fp32"]  # exact comparisons across processes: the same kernels on every CPU
 
 
 @pytest.fixture(scope="module")

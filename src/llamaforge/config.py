@@ -53,6 +53,7 @@ class TrainConfig:
     save_every: int = 100
     keep_last: int = 2
     seed: int = 1337
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (train/precision.py: chosen from the hardware)
     compile: bool = False
     activation_checkpointing: bool = False
     fsdp: bool = False
@@ -119,6 +120,8 @@ def validate_train(t: TrainConfig) -> None:
     for name in _NON_NEGATIVE:
         if not getattr(t, name) >= 0:
             raise UserError(f"train.{name} is {getattr(t, name)}; it must be 0 or more")
+    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise UserError(f"train.precision {t.precision!r} is not one of auto, fp32, bf16, fp16")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(t, name) < 1:
             raise UserError(f"train.{name} is {getattr(t, name)}; it must be in [0, 1)")

@@ -179,7 +179,8 @@ def hardware(run: Path) -> str:
     """'WORLD x DEVICE (PRECISION)' from the run's start event."""
     for r in read_metrics(run):
         if r.get("event") == "started":
-            return f"{r.get('world', 1)} x {r.get('device', '?')} ({r.get('precision', '?')})"
+            why = f"; {r['precision_reason']}" if r.get("precision_reason") else ""
+            return f"{r.get('world', 1)} x {r.get('device', '?')} ({r.get('precision', '?')}{why})"
     return "unknown"
 
 

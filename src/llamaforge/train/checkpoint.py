@@ -130,7 +130,9 @@ def model_from_checkpoint(path: Path) -> LlamaForgeForCausalLM:
 def load_training_state(path: Path, model, optimizer, sharded: bool = False) -> None:
     """Restore optimizer and RNG states (FSDP2: the name-keyed full optimizer state, re-sharded)."""
     path = Path(path)
-    optim = torch.load(path / "optimizer.pt", weights_only=True)
+    # on the CPU first: a checkpoint written on GPU loads on a CPU-only machine, and every rank reads it
+    # without landing on GPU 0; load_state_dict then moves each state to its parameter's device
+    optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     if sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -139,7 +141,7 @@ def load_training_state(path: Path, model, optimizer, sharded: bool = False) -> 
         raise ValueError(f"{path} was written by an FSDP run; resume it with --train.fsdp true under torchrun")
     else:
         optimizer.load_state_dict(optim)
-    rng = torch.load(path / "rng.pt", weights_only=True)
+    rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
     torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
+    if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(rng["cuda"])

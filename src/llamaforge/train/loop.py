@@ -9,7 +9,6 @@ optimizer and scheduler state). The loop only trains: publishing RUN_DIR/final i
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import signal
@@ -27,9 +26,10 @@ from ..eval.loss import windowed_loss
 from ..runs import RunRecord, config_path, metrics_path, tokenizer_dir
 from . import checkpoint as ckpt
 from .distributed import Dist, setup, teardown, unwrap, wrap
-from .metrics import MetricsLogger, device_name, matmul_peak_flops, peak_memory_gb, train_flops_per_token
+from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, train_flops_per_token
 from .optim import build_optimizer, build_scheduler
-from .step import autocast_context, train_step, uses_bf16
+from .precision import choose as choose_precision
+from .step import train_step
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,13 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     optimizer = build_optimizer(wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
     scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
     sharded = t.fsdp and d.world > 1
+    precision = choose_precision(t.precision, device)
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     if state is not None:
         ckpt.load_training_state(usable, wrapped, optimizer, sharded)
         scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
     if step == 0 and d.main:
@@ -160,20 +164,25 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     metrics = MetricsLogger(run_dir, enabled=d.main, wandb_project=t.wandb_project if t.wandb else None,
                             tensorboard=t.tensorboard is not False,
                             config=asdict(cfg), truncate_after_step=step)
+    peak, peak_source = peak_flops(device, precision.dtype)
     metrics.log("event", step, event="started", device=device_name(device), world=d.world,
-                precision="bf16 autocast" if uses_bf16(device) else "fp32", fsdp=sharded)
+                precision=precision.label(), precision_reason=precision.reason, fsdp=sharded,
+                mfu_peak_tflops=round(peak / 1e12, 2), mfu_peak_source=peak_source)
+    log.info("precision: %s (%s)", precision.label(), precision.reason)
     for path, why in rejected:
         metrics.log("event", step, event="checkpoint_invalid", checkpoint=path.name, reason=why)
     if usable:
         metrics.log("event", step, event="resumed", checkpoint=usable.name)
     run_model = torch.compile(wrapped) if t.compile else wrapped
     eval_model = unwrap(wrapped)
-    peak = matmul_peak_flops(device, torch.bfloat16 if uses_bf16(device) else torch.float32)
     flops_per_token = train_flops_per_token(model.config, t.seq_len)
 
     def state() -> dict:
-        return {"scheduler": scheduler.state_dict(), "loader": batches.state_dict(), "tokens_seen": tokens_seen,
-                "model_config": model.config.to_dict(), "records": record.to_dict()}
+        out = {"scheduler": scheduler.state_dict(), "loader": batches.state_dict(), "tokens_seen": tokens_seen,
+               "model_config": model.config.to_dict(), "records": record.to_dict(), "precision": precision.name}
+        if scaler is not None:
+            out["scaler"] = scaler.state_dict()
+        return out
 
     def save(tag: str) -> None:
         full = ckpt.gather_full_state(wrapped, optimizer) if sharded else None  # a collective: every rank
@@ -191,7 +200,7 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
                             "to resume") from None
 
     def evaluate() -> None:
-        s = windowed_loss(eval_model, batches.eval_batches(), device, autocast=functools.partial(autocast_context, device))
+        s = windowed_loss(eval_model, batches.eval_batches(), device, autocast=precision.autocast)
         loss, n = s.mean, s.count
         values = {"val_loss": loss, "val_tokens": n}
         if batches.bytes_per_token:
@@ -201,14 +210,17 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
             metrics.log("sample", step, prompt=t.sample_prompt, text=sample_text(eval_model, tokenizer, t.sample_prompt, device))
 
     old_handler = _install_sigterm()
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=None if progress and d.main else True)
+    bar = tqdm(total=t.max_steps, initial=step, desc=f"train ({precision.name})", unit="step", disable=None if progress and d.main else True)
     bad_streak, interrupted = 0, False
     try:
         while step < t.max_steps:
-            micro = split_micro(batches.next_batch(), t.micro_batch)
+            batch = batches.next_batch()
+            if device.type == "cuda":  # pinned once, so each micro-batch's copy is asynchronous
+                batch = (batch[0].pin_memory(), batch[1].pin_memory())
+            micro = split_micro(batch, t.micro_batch)
             start = time.perf_counter()
             stats = train_step(run_model, optimizer, micro, t.grad_clip, device, d.all_reduce if d.world > 1 else None,
-                               d.world)
+                               d.world, precision, scaler)
             lr = scheduler.get_last_lr()[0]
             scheduler.step()
             step += 1

@@ -58,6 +58,34 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048) -
     return 2 * n**3 / best
 
 
+# dense (no sparsity) tensor-core peaks from the vendors' data sheets, TFLOP/s, by dtype
+SPEC_TFLOPS = {  # name fragment: (bf16, fp16, fp32 [tf32 off])
+    "H200": (989, 989, 67), "H100 SXM": (989, 989, 67), "H100 80GB HBM3": (989, 989, 67), "H100 PCIe": (756, 756, 51),
+    "H100": (756, 756, 51), "A100": (312, 312, 19.5), "L40S": (362, 362, 91.6), "L4": (121, 121, 30.3),
+    "A10": (125, 125, 31.2), "RTX 4090": (165, 165, 82.6), "RTX 3090": (71, 71, 35.6), "T4": (0, 65, 8.1),
+    "V100": (0, 125, 15.7),
+}
+
+
+def spec_peak_flops(name: str, dtype: torch.dtype) -> float | None:
+    """The data-sheet peak of a GPU (by name) for `dtype`, FLOP/s; None when unknown."""
+    col = {torch.bfloat16: 0, torch.float16: 1}.get(dtype, 2)
+    for key in sorted(SPEC_TFLOPS, key=len, reverse=True):  # most specific name first
+        if key in name and SPEC_TFLOPS[key][col]:
+            return SPEC_TFLOPS[key][col] * 1e12
+    return None
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """The MFU denominator and where it comes from: a GPU's spec sheet, else a timed matmul (on an H100
+    a 2048^3 matmul is host-bound, so measuring there would read MFU 1.4-2.3x too high)."""
+    if device.type == "cuda":
+        spec = spec_peak_flops(torch.cuda.get_device_name(device), dtype)
+        if spec:
+            return spec, "spec sheet"
+    return matmul_peak_flops(device, dtype), "measured 2048^3 matmul"
+
+
 def train_flops_per_token(config, seq_len: int) -> float:
     """6 x matmul parameters (no input embedding) + causal attention (6 L T d)."""
     d, L = config.hidden_size, config.num_hidden_layers

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .distributed import grad_sync
+from .precision import Precision
 
 
 @dataclass
@@ -19,40 +20,41 @@ class StepStats:
     skipped: bool  # non-finite loss or gradient: no update
 
 
-def uses_bf16(device: torch.device) -> bool:
-    """bf16 autocast on CUDA when supported; plain fp32 elsewhere (bf16 matmuls are ~50x slower on
-    CPUs without AVX512-BF16)."""
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-def autocast_context(device: torch.device) -> contextlib.AbstractContextManager:
-    return torch.autocast("cuda", dtype=torch.bfloat16) if uses_bf16(device) else contextlib.nullcontext()
-
-
 def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=None, all_reduce=None,
-               world: int = 1) -> StepStats:
+               world: int = 1, precision: Precision | None = None, scaler=None) -> StepStats:
     """`micro_batches`: list of (inputs, targets) of shape (b, T); targets -100 are ignored.
 
     `all_reduce(tensor)` sums over data-parallel ranks (None: single process). The summed loss of
     each micro-batch is divided by the step's total target count across ranks, so gradients equal
     those of one big batch. DDP and FSDP *average* gradients over the `world` ranks, so the
-    backward pass scales by `world` to turn that average back into the sum."""
+    backward pass scales by `world` to turn that average back into the sum. `precision` gives the
+    autocast (train/precision.py); fp16 passes a GradScaler, whose skipped steps are not errors."""
     device = device or next(model.parameters()).device
+    autocast = precision.autocast if precision is not None else contextlib.nullcontext
     n_local = sum(int((y != -100).sum()) for _, y in micro_batches)
     n_total = torch.tensor(float(n_local), device=device)
     if all_reduce is not None:
         all_reduce(n_total)
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
-        with grad_sync(model, enabled=i == len(micro_batches) - 1), autocast_context(device):
-            loss = model(input_ids=x.to(device), shift_labels=y.to(device), num_items_in_batch=n_total).loss
-            (loss * world if world > 1 else loss).backward()
+        with grad_sync(model, enabled=i == len(micro_batches) - 1), autocast():
+            loss = model(input_ids=x.to(device, non_blocking=True), shift_labels=y.to(device, non_blocking=True),
+                         num_items_in_batch=n_total).loss
+            scaled = loss * world if world > 1 else loss
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()
     if all_reduce is not None:
         all_reduce(loss_sum)
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clip the true gradients
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
-    if finite:
-        optimizer.step()
+    if scaler is not None:  # an overflow lowers the scale and skips the update: expected, not a bad step
+        scaler.step(optimizer)
+        scaler.update()
+        finite = bool(torch.isfinite(loss_sum))
+    else:
+        finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(float(loss_sum), float(grad_norm), int(n_total), not finite)

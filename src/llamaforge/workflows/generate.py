@@ -34,6 +34,8 @@ def load_for_generation(model_dir: str | Path, prompts: list[str], chat: bool = 
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT (repeatable) or lines on stdin")
     model, tok = load_model(model_dir), load_tokenizer(str(model_dir))
+    if torch.cuda.is_available():
+        model = model.to("cuda")
     if chat:
         if not tok.chat_template:
             raise UserError(f"{model_dir} has no chat template; fine-tune it with `llamaforge sft` or drop --chat")

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..errors import UserError, require_extra
 from ..fsutil import atomic_write_bytes, check_replaceable
 from ..publish.card import read_records
-from ..runs import checkpoints, config_path, final_dir, metrics_path, positions_path, read_metrics, read_state, run_summary
+from ..runs import checkpoints, hardware, config_path, final_dir, metrics_path, positions_path, read_metrics, read_state, run_summary
 
 
 def _pyplot():
@@ -156,6 +156,7 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
                      f"{s.get('wall_s', 0) / 60:.1f}", f"{p.get('non_embedding', 0) / 1e6:.2f}M / {p.get('total', 0) / 1e6:.2f}M"])
     md.append(_table(["run", "steps", "tokens", "train loss (last 10 steps)", "val loss", "val bits/byte",
                       "minutes", "params (non-emb / total)"], rows))
+    md += [""] + [f"- {r.name}: {hardware(r)}" for r in runs]
     for r in runs:
         pos_path = positions_path(r)
         if pos_path.exists():

@@ -67,10 +67,11 @@ def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, factor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, n_head, T, head_dim); cos/sin: (B, T, head_dim)."""
+    """x: (B, n_head, T, head_dim); cos/sin: (B, T, head_dim). Returns x's dtype: under autocast q, k
+    are bf16 while cos/sin are fp32, and an fp32 q, k would make attention run in fp32."""
     cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, head_dim)
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -137,7 +138,8 @@ class Block(nn.Module):
         return x + self.feed_forward(self.ffn_norm(x))
 
 
-def build_attention_mask(attention_mask: torch.Tensor | None, T: int, past: int) -> torch.Tensor | None:
+def build_attention_mask(attention_mask: torch.Tensor | None, T: int, past: int,
+                         device: torch.device | None = None) -> torch.Tensor | None:
     """Boolean (B, 1, T, past + T) mask, True = attend; None when plain causal attention is exact.
 
     Padded query rows may attend causally to anything (their outputs are never used), which keeps
@@ -148,7 +150,7 @@ def build_attention_mask(attention_mask: torch.Tensor | None, T: int, past: int)
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not padded and (past == 0 or T == 1):
         return None  # is_causal (past == 0) or a single query that sees every cached key
-    device = attention_mask.device if attention_mask is not None else None
+    device = attention_mask.device if attention_mask is not None else device  # never a CPU mask for GPU inputs
     q_pos = torch.arange(past, past + T, device=device)[:, None]
     k_pos = torch.arange(past + T, device=device)[None, :]
     mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, past + T)
@@ -218,7 +220,7 @@ class LlamaForgeModel(LlamaForgePreTrainedModel):
             cos, sin = rope_cos_sin(
                 position_ids, self.config.head_dim, self.config.rope_theta, self.config.rope_factor, x.dtype
             )
-        mask = build_attention_mask(attention_mask, T, past)
+        mask = build_attention_mask(attention_mask, T, past, input_ids.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, None, use_reentrant=False)

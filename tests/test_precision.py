@@ -1,0 +1,71 @@
+"""Precision from the hardware: the choice itself, and bf16 autocast on the CPU (the same code a GPU
+runs): it tracks fp32, the fused head+loss matches the materialized loss under autocast, and
+`auto` is what the run records. bf16 is slow on CPUs without AVX512-BF16/AMX, so these use micro models."""
+
+import pytest
+import torch
+
+from llamaforge.errors import UserError
+from llamaforge.train.optim import build_optimizer
+from llamaforge.train.precision import Precision, decide
+from llamaforge.train.step import train_step
+
+
+@pytest.mark.parametrize("device,flags,cc,want", [
+    ("cpu", {"avx2", "amx_bf16", "amx_tile"}, None, "bf16"),
+    ("cpu", {"avx512f", "avx512_bf16"}, None, "bf16"),
+    ("cpu", {"avx2", "fma"}, None, "fp32"),  # AMD EPYC / AVX2 only: bf16 ~100x slower
+    ("cuda", set(), (9, 0), "bf16"),  # H100
+    ("cuda", set(), (8, 0), "bf16"),  # A100
+    ("cuda", set(), (7, 5), "fp16"),  # T4: is_bf16_supported() says yes through emulation; we do not
+    ("cuda", set(), (7, 0), "fp16"),  # V100
+])
+def test_auto_picks_from_the_hardware(device, flags, cc, want):
+    p = decide("auto", device, flags, cc)
+    assert p.name == want and p.reason.startswith("auto:")
+    assert p.needs_scaler == (want == "fp16")
+
+
+def test_explicit_choices_and_refusals():
+    assert decide("fp32", "cpu", {"amx_bf16"}, None).name == "fp32"
+    assert "slow" in decide("bf16", "cpu", {"avx2"}, None).reason
+    assert "emulated" in decide("bf16", "cuda", set(), (7, 5)).reason
+    with pytest.raises(UserError, match="fp16 is for CUDA"):
+        decide("fp16", "cpu", set(), None)
+    with pytest.raises(UserError, match="not one of"):
+        decide("fp8", "cpu", set(), None)
+
+
+def test_bf16_training_tracks_fp32(small_model):
+    ids = torch.randint(0, 512, (4, 65), generator=torch.Generator().manual_seed(0))
+    micro = [(ids[:, :-1], ids[:, 1:])]
+    curves = {}
+    for name in ("fp32", "bf16"):
+        m = small_model().train()
+        opt = build_optimizer(m, lr=3e-3)
+        p = Precision(name, "cpu", "test")
+        curves[name] = [train_step(m, opt, micro, precision=p).loss for _ in range(8)]
+        assert all(q.dtype == torch.float32 for q in m.parameters())  # fp32 master weights
+    assert curves["bf16"][-1] < curves["bf16"][0] - 0.5  # it learns
+    assert max(abs(a - b) for a, b in zip(curves["fp32"], curves["bf16"])) < 0.05
+
+
+def test_fused_head_loss_under_autocast_matches_the_materialized_loss(small_model, ids):
+    m = small_model(vocab_size=512).train()
+    targets = ids.roll(-1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = m(ids, shift_labels=targets).loss
+        m.eval()
+        logits = m(ids).logits
+    plain = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, plain, atol=2e-2, rtol=1e-2)
+
+
+def test_rope_keeps_the_activation_dtype_under_autocast(small_model, ids):
+    """q, k leave RoPE in bf16 (cos/sin are fp32): attention then runs in the autocast dtype."""
+    from llamaforge.model.hf.modeling_llamaforge import apply_rope, rope_cos_sin
+
+    x = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
+    cos, sin = rope_cos_sin(torch.arange(5)[None], 8, 10000.0, 1.0, torch.float32)
+    assert apply_rope(x, cos, sin).dtype == torch.bfloat16
