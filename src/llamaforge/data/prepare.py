@@ -99,10 +99,11 @@ def _pieces(text: str) -> list[str]:
     return out
 
 
-def _ids(text: str) -> list[int]:
-    if len(text) <= PIECE_CHARS:
-        return _worker_tok.encode(text, add_special_tokens=False).ids
-    return [i for piece in _pieces(text) for i in _worker_tok.encode(piece, add_special_tokens=False).ids]
+def _long_doc(text: str, bos: int, eos: int, dtype: str) -> np.ndarray:
+    """<s> ids </s> of a long document, piece by piece, as one array (no Python list of every id)."""
+    parts = [np.array([bos], dtype=dtype)]
+    parts += [np.asarray(_worker_tok.encode(p, add_special_tokens=False).ids, dtype=dtype) for p in _pieces(text)]
+    return np.concatenate(parts + [np.array([eos], dtype=dtype)])
 
 
 def _encode(texts: list[str], bos: int, eos: int, val_fraction: float, dtype: str) -> Encoded:
@@ -112,10 +113,12 @@ def _encode(texts: list[str], bos: int, eos: int, val_fraction: float, dtype: st
     parts: dict[str, list[np.ndarray]] = {"train": [], "val": []}
     out = Encoded({}, {"train": 0, "val": 0}, {"train": 0, "val": 0}, len(texts) - len(keep))
     for text in keep:
-        ids = next(enc).ids if len(text) <= PIECE_CHARS else _ids(text)
         raw = text.encode("utf-8")
         split = "val" if held_out(raw, val_fraction) else "train"
-        parts[split].append(np.array([bos, *ids, eos], dtype=dtype))
+        if len(text) <= PIECE_CHARS:
+            parts[split].append(np.array([bos, *next(enc).ids, eos], dtype=dtype))
+        else:
+            parts[split].append(_long_doc(text, bos, eos, dtype))
         out.docs[split] += 1
         out.nbytes[split] += len(raw)
     out.ids = {k: np.concatenate(v) if v else np.zeros(0, dtype) for k, v in parts.items()}
