@@ -193,6 +193,31 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(world, tmp_p
     assert snapshot(run) == before
 
 
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_in_a_checkpoint_never_runs(world, tmp_path):
+    import torch
+
+    run = tmp_path / "run"
+    shutil.copytree(world / "run", run)
+    shutil.rmtree(run / "final")
+    marker = tmp_path / "pwned"
+    for name in ("optimizer.pt", "rng.pt"):
+        latest = checkpoints(run)[-1]
+        good = (latest / name).read_bytes()
+        torch.save({"state": _Payload(marker)}, latest / name)
+        done = run_cli("train", "--data", world / "data", "--out", run, *TRAIN, "--max-steps", "6")
+        assert_user_error(done, "cannot be read safely")
+        assert not marker.exists()
+        (latest / name).write_bytes(good)
+
+
 def test_resume_with_another_shape_leaves_config_yaml_as_it_was(world, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(world / "run", run)

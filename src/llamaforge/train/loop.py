@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pickle
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -153,7 +154,11 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     precision = choose_precision(t.precision, device)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     if state is not None:
-        ckpt.load_training_state(usable, wrapped, optimizer, sharded)
+        try:  # weights_only loading: a pickle that would run code is refused, never executed
+            ckpt.load_training_state(usable, wrapped, optimizer, sharded)
+        except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{usable.relative_to(run_dir)} has an optimizer or RNG state that cannot be read safely "
+                            f"({type(e).__name__}); move that checkpoint away to resume from an older one") from None
         scheduler.load_state_dict(state["scheduler"])
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
