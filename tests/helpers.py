@@ -3,6 +3,7 @@ overrides for CLI runs, and running the CLI in a fresh process."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -25,6 +26,15 @@ def micro(hidden: int = 32, layers: int = 1, intermediate: int | None = None, he
     if positions:
         out += ["--model.max_position_embeddings", str(positions)]
     return out
+
+
+def write_stories(path, n: int) -> None:
+    """A deterministic JSONL corpus of `n` short stories over a 17-word vocabulary (learnable fast)."""
+    words = "the cat sat on the mat while a dog ran to the park and the bird sang in the tree".split()
+    with open(path, "w") as f:
+        for i in range(n):
+            text = " ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 30))
+            f.write(json.dumps({"text": f"Story {i}: " + text.capitalize() + "."}) + "\n")
 
 
 def run_cli(*args, check_rc=None, **kw) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_user_error, micro, run_cli
+from helpers import assert_user_error, micro, run_cli, write_stories
 from llamaforge.data.prepare import prepare
 from llamaforge.runs import checkpoints, read_metrics
 
@@ -33,10 +33,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def world(tmp_path_factory):
     """A prepared corpus, a trained micro run with two checkpoints, a model folder and user files."""
     root = tmp_path_factory.mktemp("world")
-    words = "the cat sat on the mat while a dog ran to the park and the bird sang in the tree".split()
-    with open(root / "c.jsonl", "w") as f:
-        for i in range(300):
-            f.write(json.dumps({"text": " ".join(words[(i * 5 + j) % len(words)] for j in range(30 + i % 20))}) + "\n")
+    write_stories(root / "c.jsonl", 300)
     prepare(str(root / "c.jsonl"), root / "data", val_fraction=0.05, workers=0, progress=False)
     run_cli("train", "--data", root / "data", "--out", root / "run", *TRAIN, "--max-steps", "4", "--save-every", "2",
             "--train.keep_last", "3", check_rc=0)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import write_stories
 from llamaforge.config import load_config
 from llamaforge.data.prepare import prepare
 from llamaforge.runs import read_metrics
@@ -25,11 +26,7 @@ OVERRIDES = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hi
 
 
 def test_first_20_losses_match_the_golden_file(tmp_path):
-    words = "the cat sat on the mat while a dog ran to the park and the bird sang in the tree".split()
-    with open(tmp_path / "c.jsonl", "w") as f:
-        for i in range(300):
-            text = " ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 30))
-            f.write(json.dumps({"text": f"Story {i}: " + text.capitalize() + "."}) + "\n")
+    write_stories(tmp_path / "c.jsonl", 300)
     prepare(str(tmp_path / "c.jsonl"), tmp_path / "d", val_fraction=0.05, workers=0, progress=False)
     pretrain(load_config("tiny", overrides=OVERRIDES), tmp_path / "d", tmp_path / "run", progress=False)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["type"] == "train"]

@@ -1,6 +1,5 @@
 """The training loop: exact resume after SIGKILL, Ctrl-C, DDP parity, faults, refusals, learning."""
 
-import json
 import os
 import shutil
 import signal
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import assert_user_error, micro, run_cli
+from helpers import assert_user_error, micro, run_cli, write_stories
 from llamaforge.data.prepare import prepare
 from llamaforge.runs import checkpoints
 from llamaforge.runs import read_metrics
@@ -27,11 +26,7 @@ MICRO = [*micro(layers=2, positions=64), "--train.seq_len", "32", "--train.micro
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    words = "the cat sat on the mat while a dog ran to the park and the bird sang in the tree".split()
-    with open(root / "c.jsonl", "w") as f:
-        for i in range(600):
-            text = " ".join(words[(i * 7 + j) % len(words)] for j in range(40 + i % 30))
-            f.write(json.dumps({"text": f"Story {i}: " + text.capitalize() + "."}) + "\n")
+    write_stories(root / "c.jsonl", 600)
     prepare(str(root / "c.jsonl"), root / "d", val_fraction=0.05, workers=0, progress=False)
     return root / "d"
 
@@ -172,7 +167,7 @@ def test_train_step_skips_update_on_nan(small_model):
 
 def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     from llamaforge.config import load_config
-    from llamaforge.train import checkpoint, loop
+    from llamaforge.train import checkpoint
 
     real = checkpoint.torch.save
     count = {"n": 0}

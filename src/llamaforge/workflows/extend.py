@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..config import RunConfig
 from ..data.loader import PretrainBatches, to_pair

@@ -13,7 +13,17 @@ from pathlib import Path
 from ..errors import UserError, require_extra
 from ..fsutil import atomic_write_bytes, check_replaceable
 from ..publish.card import read_records
-from ..runs import checkpoints, hardware, config_path, final_dir, metrics_path, positions_path, read_metrics, read_state, run_summary
+from ..runs import (
+    checkpoints,
+    config_path,
+    final_dir,
+    hardware,
+    metrics_path,
+    positions_path,
+    read_metrics,
+    read_state,
+    run_summary,
+)
 
 
 def _pyplot():
