@@ -34,6 +34,14 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def broadcast(self, obj):
+        """Rank 0's `obj` on every rank (a collective)."""
+        if self.world == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
 
 def setup(device: str | None = None) -> Dist:
     """Join torchrun's process group if there is one; pick the device (`cuda:LOCAL_RANK` or cpu)."""

@@ -9,6 +9,7 @@ optimizer and scheduler state). The loop only trains: publishing RUN_DIR/final i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import pickle
@@ -121,6 +122,13 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     check_runnable(cfg, model.config, d.world)
     found = ckpt.checkpoints(run_dir)
     usable, rejected = ckpt.newest_valid(found)
+    if d.world > 1:  # rank 0 decides; every rank must then see that very checkpoint
+        chosen = d.broadcast(usable.name if usable else None)
+        if chosen is not None and (usable is None or usable.name != chosen):
+            raise UserError(f"rank {d.rank} cannot read checkpoint {chosen} in {run_dir}, which rank 0 resumes from; "
+                            "put the run directory on a filesystem every node shares")
+        if chosen is None and usable is not None:
+            usable, found = None, []  # rank 0 starts fresh (sees no checkpoint): so does everyone
     if found and usable is None:
         raise UserError(f"no usable checkpoint in {run_dir / 'checkpoints'} ({rejected[0][1]} in {rejected[0][0].name}, "
                         f"{len(rejected)} damaged); move the damaged step_N folders away to start over, or pass another --out")
@@ -205,8 +213,14 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
                             "to resume") from None
 
     def evaluate() -> None:
-        s = windowed_loss(eval_model, batches.eval_batches(), device, autocast=precision.autocast)
-        loss, n = s.mean, s.count
+        eval_batches = batches.eval_batches()
+        if d.world > 1 and not sharded:  # each rank scores its share of the windows; FSDP needs every rank
+            eval_batches = itertools.islice(eval_batches, d.rank, None, d.world)  # in every forward
+        s = windowed_loss(eval_model, eval_batches, device, autocast=precision.autocast)
+        sums = torch.tensor([s.total, float(s.count)], dtype=torch.float64, device=device)
+        if d.world > 1 and not sharded:
+            d.all_reduce(sums)
+        loss, n = float(sums[0] / max(sums[1], 1)), int(sums[1])
         values = {"val_loss": loss, "val_tokens": n}
         if batches.bytes_per_token:
             values["val_bpb"] = loss / math.log(2) / batches.bytes_per_token
