@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -99,10 +100,18 @@ def locked(lock_file: Path, what: Path) -> Iterator[None]:
 
 @contextmanager
 def lock_run(run: Path) -> Iterator[None]:
-    """Create RUN_DIR if needed and hold its lock (RUN_DIR/.lock)."""
-    Path(run).mkdir(parents=True, exist_ok=True)
-    with locked(Path(run) / LOCK, Path(run)):
-        yield
+    """Create RUN_DIR if needed and hold its lock (RUN_DIR/.lock). A run refused before it wrote
+    anything leaves no trace: a folder this call created that holds only the lock files is removed."""
+    run = Path(run)
+    created = not run.exists()
+    run.mkdir(parents=True, exist_ok=True)
+    try:
+        with locked(run / LOCK, run):
+            yield
+    except BaseException:
+        if created and {p.name for p in run.iterdir()} <= {LOCK, LOCK + ".pid"}:
+            shutil.rmtree(run, ignore_errors=True)
+        raise
 
 
 def checkpoints(run: Path) -> list[Path]:
