@@ -8,6 +8,7 @@ and prints both and the ratio (these machines are noisy: only same-run ratios ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -55,40 +56,65 @@ BENCH_MODEL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, nu
 
 @benchmark
 def train_step(args) -> dict:
-    """Forward + backward + AdamW step, fp32 CPU, batch 8 x 256: our training step vs transformers' LlamaForCausalLM."""
+    """Forward + backward + AdamW step, batch 8 x 256 on the CPU, in the precision `auto` picks here:
+    llamaforge's default step (eager) and with train.compile, against transformers' LlamaForCausalLM
+    eager in the same precision and with torch.compile (the fastest peer), and fp32 eager transformers."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llamaforge.config import ModelConfig
     from llamaforge.model.io import build_model
+    from llamaforge.train.distributed import compile_blocks
     from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.precision import choose
     from llamaforge.train.step import train_step as our_train_step
 
     B, T = 8, 256
+    cpu = torch.device("cpu")
+    prec = choose("auto", cpu)
     torch.manual_seed(0)
     x = torch.randint(0, 32000, (B, T + 1))
     inputs, targets = x[:, :-1], x[:, 1:]
 
-    ours = build_model(ModelConfig(**BENCH_MODEL)).train()
-    our_opt = build_optimizer(ours, lr=1e-4)
+    def ours(compiled: bool):
+        model = build_model(ModelConfig(**BENCH_MODEL)).train()
+        if compiled:
+            compile_blocks(model)
+        opt = build_optimizer(model, lr=1e-4)
+        return lambda: our_train_step(model, opt, [(inputs, targets)], precision=prec)
 
-    ref = LlamaForCausalLM(LlamaConfig(**BENCH_MODEL, attn_implementation="sdpa")).train()
-    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    def transformers_step(compiled: bool, autocast: bool):
+        model = LlamaForCausalLM(LlamaConfig(**BENCH_MODEL, attn_implementation="sdpa")).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        run = torch.compile(model) if compiled else model
 
-    def ref_step():
-        loss = ref(input_ids=inputs, labels=x[:, :-1]).loss  # transformers shifts labels itself
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        ref_opt.step()
-        ref_opt.zero_grad(set_to_none=True)
+        def step():
+            with prec.autocast() if autocast else contextlib.nullcontext():
+                loss = run(input_ids=inputs, labels=x[:, :-1]).loss  # transformers shifts labels itself
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
 
-    peak = matmul_peak_flops(torch.device("cpu"), torch.float32) / 1e9  # GFLOP/s, the same probe as MFU
-    t = interleaved({"ours": lambda: our_train_step(ours, our_opt, [(inputs, targets)]), "ref": ref_step}, args.warmup, args.reps)
+    fns = {"ours": ours(False), "ours_compiled": ours(True), "transformers_fp32": transformers_step(False, False),
+           "transformers": transformers_step(False, True), "transformers_compiled": transformers_step(True, True)}
+    t = interleaved(fns, max(args.warmup, 3), args.reps)  # compile warm-up happens in the first calls
+    peak = matmul_peak_flops(cpu, prec.dtype) / 1e9  # GFLOP/s of a 2048^3 matmul in the precision used
     tokens = B * T
-    flops = train_flops_per_token(ours.config, T) * tokens
+    flops = train_flops_per_token(build_model(ModelConfig(**BENCH_MODEL)).config, T) * tokens
+    rate = {k: tokens / v for k, v in t.items()}
+    frac = {f"{k}_frac_of_peak": round(flops / v / 1e9 / peak, 3) for k, v in t.items()}
+    for k, v in rate.items():
+        print(f"  {k:24s} {v:9,.0f} tokens/s  {frac[k + '_frac_of_peak']:.1%} of the {prec.name} matmul peak ({peak:,.0f} GFLOP/s)")
+    print(f"  precision: {prec.label()} ({prec.reason})")
+    print(f"  ours vs transformers fp32 eager: {rate['ours'] / rate['transformers_fp32']:.3f}x; "
+          f"ours compiled vs transformers compiled: {rate['ours_compiled'] / rate['transformers_compiled']:.3f}x")
     return report(
-        "train_step", tokens / t["ours"], tokens / t["ref"], "transformers LlamaForCausalLM + torch AdamW (foreach)", "tokens/s",
-        {"matmul_peak_gflops": round(peak, 1), "ours_frac_of_peak": round(flops / t["ours"] / 1e9 / peak, 3),
-         "baseline_frac_of_peak": round(flops / t["ref"] / 1e9 / peak, 3)},
+        "train_step", rate["ours"], rate["transformers_compiled"],
+        f"transformers LlamaForCausalLM, {prec.name} + torch.compile + torch AdamW", "tokens/s",
+        {"precision": prec.name, "matmul_peak_gflops": round(peak, 1), **{f"{k}_tokens_s": round(v, 1) for k, v in rate.items()},
+         **frac, "ours_compiled_vs_peer": round(rate["ours_compiled"] / rate["transformers_compiled"], 3),
+         "ours_vs_transformers_fp32": round(rate["ours"] / rate["transformers_fp32"], 3)},
     )
 
 
@@ -190,12 +216,25 @@ def prepare(args) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+@benchmark
+def recipe(args) -> dict:
+    """Optimizer x schedule at a fixed token budget on the `tiny` preset (benchmarks/recipe.py)."""
+    from benchmarks import recipe as bench_recipe
+
+    return bench_recipe.run(args)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help=f"default: all of {', '.join(REGISTRY)}")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--json", help="also append results as JSON lines to this file")
+    p.add_argument("--recipe-steps", type=int, default=150, help="recipe: steps of 4,096 tokens per run")
+    p.add_argument("--recipes", nargs="*", default=[], help="recipe: which recipes (default all; the baseline always)")
+    p.add_argument("--recipe-overrides", nargs="*", default=[], help="recipe: key=value for every run")
+    p.add_argument("--data", help="recipe: a prepared data folder (default: prepare the sample corpus)")
+    p.add_argument("--work", help="recipe: where the runs go (default: a temporary folder)")
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in REGISTRY]
     if unknown:

@@ -110,8 +110,10 @@ def test_course_lm_eval_command_on_exported_folder(model_dir, local_task, mistra
            f"pretrained={model_dir},trust_remote_code=True,dtype=float32", "--tasks", "five", "--batch_size", "4",
            "--output_path", str(out), "--log_samples", "--include_path", str(folder), "--device", "cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL,
-                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "mod")})
     assert done.returncode == 0, done.stderr[-3000:]
+    # scored through our class: the folder's remote code was loaded (a stock Llama would load nothing)
+    assert list((tmp_path / "mod").rglob("modeling_llamaforge.py")), "lm_eval did not load the folder's own code"
     (samples,) = list(out.rglob("samples_five_*.jsonl"))
     recs = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda r: r["doc_id"])
     hand = hand_logliks(load_model(model_dir), mistral, rows)

@@ -8,7 +8,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
 from llamaforge.model.convert import from_llama, to_llama
-from llamaforge.model.hf.modeling_llamaforge import FeedForward, RMSNorm, apply_rope, rope_cos_sin
+from llamaforge.model.hf.modeling_llamaforge import MLP, RMSNorm, apply_rope, rope_cos_sin
 
 
 @pytest.mark.compat
@@ -67,12 +67,9 @@ def test_rope_matches_the_rotation_formula():
 
 def test_swiglu_matches_llama_mlp(small_model):
     cfg = small_model().config
-    ours = FeedForward(cfg)
+    ours = MLP(cfg)
     ref = LlamaMLP(LlamaConfig(hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size))
-    with torch.no_grad():
-        ref.gate_proj.weight.copy_(ours.w1.weight)
-        ref.up_proj.weight.copy_(ours.w3.weight)
-        ref.down_proj.weight.copy_(ours.w2.weight)
+    ref.load_state_dict(ours.state_dict())  # the same names
     x = torch.randn(2, 3, cfg.hidden_size)
     torch.testing.assert_close(ours(x), ref(x))
 
@@ -80,11 +77,11 @@ def test_swiglu_matches_llama_mlp(small_model):
 def test_init_scales_residual_projections(small_model):
     m = small_model(hidden_size=256, intermediate_size=512, num_hidden_layers=8, vocab_size=2048)
     layer = m.model.layers[0]
-    assert abs(layer.attention.wq.weight.std().item() - 0.02) < 0.002
+    assert abs(layer.self_attn.q_proj.weight.std().item() - 0.02) < 0.002
     want = 0.02 / math.sqrt(2 * 8)
-    assert abs(layer.attention.wo.weight.std().item() - want) < 0.001
-    assert abs(layer.feed_forward.w2.weight.std().item() - want) < 0.001
-    assert torch.equal(layer.ffn_norm.weight, torch.ones(256))
+    assert abs(layer.self_attn.o_proj.weight.std().item() - want) < 0.001
+    assert abs(layer.mlp.down_proj.weight.std().item() - want) < 0.001
+    assert torch.equal(layer.post_attention_layernorm.weight, torch.ones(256))
 
 
 def test_loss_normalizes_per_token_over_accumulated_micro_batches(small_model, ids):

@@ -39,11 +39,19 @@ ModelConfig.__doc__ = "The `model:` section: LlamaForgeConfig's own field names 
 class TrainConfig:
     seq_len: int = 256
     batch_tokens: int = 16384  # tokens per optimizer step (all ranks, all micro-batches)
-    micro_batch: int = 8  # sequences per forward pass on one rank
+    micro_batch: Optional[int] = None  # sequences per forward pass on one rank; None: derived (micro_batch_for)
     max_steps: int = 300
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1  # cosine decays to this fraction of lr
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest: train/optim.py)
+    lr: float = 3e-3  # AdamW's peak LR (with muon: for embeddings, head, norms)
+    muon_lr: float = 0.02  # Muon's peak LR (Keller Jordan's "original" scaling)
+    muon_momentum: float = 0.95
+    muon_weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    min_lr_ratio: float = 0.1  # the schedule ends at this fraction of the peak LR
+    decay_fraction: float = 0.2  # wsd: the last fraction of the steps that decays
+    decay_shape: str = "linear"  # wsd: linear | 1-sqrt
     warmup_steps: int = 30
+    resume_from: Optional[str] = None  # a checkpoints/step_N folder to continue from in a new run directory
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -108,8 +116,22 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
 
 
 # train fields that must be > 0, and those that must be >= 0 (0 = off)
-_POSITIVE = ("seq_len", "batch_tokens", "micro_batch", "max_steps", "lr", "eval_tokens", "keep_last", "max_bad_steps")
-_NON_NEGATIVE = ("min_lr_ratio", "warmup_steps", "weight_decay", "grad_clip", "eval_every", "save_every")
+_POSITIVE = ("seq_len", "batch_tokens", "max_steps", "lr", "muon_lr", "eval_tokens", "keep_last", "max_bad_steps")
+_NON_NEGATIVE = ("min_lr_ratio", "warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "eval_every",
+                 "save_every")
+_CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd"),
+            "decay_shape": ("linear", "1-sqrt")}
+MICRO_TOKENS = 8192  # the derived micro-batch holds at most this many tokens (a memory cap)
+
+
+def micro_batch_for(t: TrainConfig, world: int = 1) -> int:
+    """train.micro_batch, or when not given the largest number of sequences that divides one
+    process's share of the step and holds at most MICRO_TOKENS tokens (at least 1)."""
+    if t.micro_batch is not None:
+        return t.micro_batch
+    per_rank = max(1, t.batch_tokens // (t.seq_len * world))
+    cap = max(1, MICRO_TOKENS // t.seq_len)
+    return max(m for m in range(1, min(per_rank, cap) + 1) if per_rank % m == 0)
 
 
 def validate_train(t: TrainConfig) -> None:
@@ -120,8 +142,15 @@ def validate_train(t: TrainConfig) -> None:
     for name in _NON_NEGATIVE:
         if not getattr(t, name) >= 0:
             raise UserError(f"train.{name} is {getattr(t, name)}; it must be 0 or more")
-    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"train.precision {t.precision!r} is not one of auto, fp32, bf16, fp16")
+    if t.micro_batch is not None and t.micro_batch <= 0:
+        raise UserError(f"train.micro_batch is {t.micro_batch}; it must be positive (or leave it out to derive it)")
+    for name, choices in _CHOICES.items():
+        if getattr(t, name) not in choices:
+            raise UserError(f"train.{name} {getattr(t, name)!r} is not one of {', '.join(choices)}")
+    if not 0 < t.decay_fraction <= 1:
+        raise UserError(f"train.decay_fraction is {t.decay_fraction}; it must be in (0, 1]")
+    if not 0 <= t.muon_momentum < 1:
+        raise UserError(f"train.muon_momentum is {t.muon_momentum}; it must be in [0, 1)")
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(t, name) < 1:
             raise UserError(f"train.{name} is {getattr(t, name)}; it must be in [0, 1)")

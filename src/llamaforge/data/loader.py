@@ -13,6 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..config import micro_batch_for
 from ..errors import UserError
 from .prepare import open_split, read_meta
 
@@ -104,7 +105,7 @@ class PretrainBatches(TokenWindows):
             self.val = self.tokens[-train_cfg.eval_tokens - 1 :]  # tiny corpora: the tail of train
         val = meta["splits"]["val"]
         self.bytes_per_token = val["bytes"] / val["tokens"] if val["tokens"] else None
-        self.eval_tokens, self.eval_batch = train_cfg.eval_tokens, train_cfg.micro_batch
+        self.eval_tokens, self.eval_batch = train_cfg.eval_tokens, micro_batch_for(train_cfg, world)
 
     def eval_batches(self):
         return eval_windows(self.val, self.seq_len, self.eval_tokens, self.eval_batch)

@@ -1,9 +1,13 @@
-"""To and from transformers' stock `LlamaForCausalLM`: same tensors, other names.
+"""To and from transformers' stock `LlamaForCausalLM` (same tensors, same names: our model uses
+transformers' Llama module names) and GPT-2 (fused, transposed Conv1D weights); and the renaming of
+checkpoints written by earlier llamaforge versions, which used nanoGPT-style names.
 
-Both models use the rotate-half RoPE layout, so no permutation is needed, only a renaming.
+Both Llama implementations use the rotate-half RoPE layout, so no permutation is needed.
 """
 
 from __future__ import annotations
+
+import re
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -11,32 +15,45 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from .hf.configuration_llamaforge import LlamaForgeConfig
 from .hf.modeling_llamaforge import LlamaForgeForCausalLM
 
-# our module names -> transformers' Llama names (inside model.layers.N.)
-_LAYER_NAMES = {
-    "attention_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
+# Earlier llamaforge versions (model_type "llamaforge") named the modules nanoGPT-style; today's names
+# are transformers' Llama names. Regex -> replacement on checkpoint keys (transformers' `key_mapping`).
+_LEGACY = {
+    r"\.attention_norm\.": ".input_layernorm.",
+    r"\.ffn_norm\.": ".post_attention_layernorm.",
+    r"\.attention\.wq\.": ".self_attn.q_proj.",
+    r"\.attention\.wk\.": ".self_attn.k_proj.",
+    r"\.attention\.wv\.": ".self_attn.v_proj.",
+    r"\.attention\.wo\.": ".self_attn.o_proj.",
+    r"\.feed_forward\.w3\.": ".mlp.up_proj.",
+    r"\.feed_forward\.w2\.": ".mlp.down_proj.",
 }
+
+
+def legacy_key_mapping(gated: bool) -> dict[str, str]:
+    """Old names -> new; `w1` was SwiGLU's gate (LLaMA) or GPT-2's c_fc (now up_proj)."""
+    return {**_LEGACY, r"\.feed_forward\.w1\.": ".mlp.gate_proj." if gated else ".mlp.up_proj."}
+
+
+def rename_legacy(state: dict[str, torch.Tensor], gated: bool) -> dict[str, torch.Tensor]:
+    """A state dict with old module names renamed (new names pass through unchanged)."""
+    table = legacy_key_mapping(gated)
+    out = {}
+    for key, value in state.items():
+        for pattern, new in table.items():
+            key = re.sub(pattern, new, key)
+        out[key] = value
+    return out
+
+
+def uses_legacy_names(keys) -> bool:
+    return any(".attention.w" in k or ".feed_forward." in k for k in keys)
+
+
 _CONFIG_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
     "initializer_range", "bos_token_id", "eos_token_id", "pad_token_id",
 )
-
-
-def _rename(state: dict[str, torch.Tensor], table: dict[str, str]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in state.items():
-        for ours, theirs in table.items():
-            key = key.replace(f".{ours}.", f".{theirs}.")
-        out[key] = value
-    return out
 
 
 def _rope(config) -> dict:
@@ -54,8 +71,7 @@ def to_llama(model: LlamaForgeForCausalLM) -> LlamaForCausalLM:
         **{k: getattr(c, k) for k in _CONFIG_FIELDS}, rope_parameters=_rope(c), attention_bias=False, mlp_bias=False
     )
     llama = LlamaForCausalLM(config).to(model.dtype)
-    state = _rename(model.state_dict(), _LAYER_NAMES)
-    llama.load_state_dict(state, strict=not c.tie_word_embeddings)
+    llama.load_state_dict(model.state_dict(), strict=not c.tie_word_embeddings)
     return llama.eval()
 
 
@@ -70,9 +86,13 @@ def from_llama(llama: LlamaForCausalLM) -> LlamaForgeForCausalLM:
     config = LlamaForgeConfig(**{k: getattr(c, k) for k in _CONFIG_FIELDS}, rope_scaling=rope)
     config.rope_factor  # raises on an unsupported rope type
     model = LlamaForgeForCausalLM(config).to(llama.dtype)
-    back = {theirs: ours for ours, theirs in _LAYER_NAMES.items()}
-    model.load_state_dict(_rename(llama.state_dict(), back), strict=not c.tie_word_embeddings)
+    model.load_state_dict(llama.state_dict(), strict=not c.tie_word_embeddings)
     return model.eval()
+
+
+# our names -> GPT-2's (inside model.layers.N. / transformer.h.N.)
+_GPT2_NORMS = (("input_layernorm", "ln_1"), ("post_attention_layernorm", "ln_2"))
+_GPT2_LINEARS = (("self_attn.o_proj", "attn.c_proj"), ("mlp.up_proj", "mlp.c_fc"), ("mlp.down_proj", "mlp.c_proj"))
 
 
 def _is_gpt2(config) -> bool:
@@ -101,12 +121,11 @@ def to_gpt2(model: LlamaForgeForCausalLM):
            "lm_head.weight": src["model.embed_tokens.weight"]}
     for i in range(c.num_hidden_layers):
         a, h = f"model.layers.{i}.", f"transformer.h.{i}."
-        for ours, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
+        for ours, theirs in _GPT2_NORMS:
             out[h + theirs + ".weight"], out[h + theirs + ".bias"] = src[a + ours + ".weight"], src[a + ours + ".bias"]
-        out[h + "attn.c_attn.weight"] = torch.cat([src[a + f"attention.w{x}.weight"] for x in "qkv"]).t()
-        out[h + "attn.c_attn.bias"] = torch.cat([src[a + f"attention.w{x}.bias"] for x in "qkv"])
-        for ours, theirs in (("attention.wo", "attn.c_proj"), ("feed_forward.w1", "mlp.c_fc"),
-                             ("feed_forward.w2", "mlp.c_proj")):
+        out[h + "attn.c_attn.weight"] = torch.cat([src[a + f"self_attn.{x}_proj.weight"] for x in "qkv"]).t()
+        out[h + "attn.c_attn.bias"] = torch.cat([src[a + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+        for ours, theirs in _GPT2_LINEARS:
             out[h + theirs + ".weight"] = src[a + ours + ".weight"].t()
             out[h + theirs + ".bias"] = src[a + ours + ".bias"]
     gpt2.load_state_dict(out, strict=False)  # attention bias buffers of older versions are not weights
@@ -131,13 +150,12 @@ def from_gpt2(gpt2) -> LlamaForgeForCausalLM:
            "model.norm.weight": src["transformer.ln_f.weight"], "model.norm.bias": src["transformer.ln_f.bias"]}
     for i in range(c.n_layer):
         a, h = f"model.layers.{i}.", f"transformer.h.{i}."
-        for ours, theirs in (("attention_norm", "ln_1"), ("ffn_norm", "ln_2")):
+        for ours, theirs in _GPT2_NORMS:
             out[a + ours + ".weight"], out[a + ours + ".bias"] = src[h + theirs + ".weight"], src[h + theirs + ".bias"]
         w, b = src[h + "attn.c_attn.weight"].t(), src[h + "attn.c_attn.bias"]
         for j, x in enumerate("qkv"):
-            out[a + f"attention.w{x}.weight"], out[a + f"attention.w{x}.bias"] = w[j * d : (j + 1) * d], b[j * d : (j + 1) * d]
-        for ours, theirs in (("attention.wo", "attn.c_proj"), ("feed_forward.w1", "mlp.c_fc"),
-                             ("feed_forward.w2", "mlp.c_proj")):
+            out[a + f"self_attn.{x}_proj.weight"], out[a + f"self_attn.{x}_proj.bias"] = w[j * d : (j + 1) * d], b[j * d : (j + 1) * d]
+        for ours, theirs in _GPT2_LINEARS:
             out[a + ours + ".weight"] = src[h + theirs + ".weight"].t()
             out[a + ours + ".bias"] = src[h + theirs + ".bias"]
     model.load_state_dict({k: v.contiguous() for k, v in out.items()}, strict=False)  # lm_head is tied

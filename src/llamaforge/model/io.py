@@ -3,6 +3,9 @@
 A llamaforge folder holds config.json (with `auto_map`), the two self-contained .py files,
 model.safetensors, generation_config.json and the tokenizer files, so
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` needs nothing from llamaforge.
+A LLaMA-shaped folder is also a stock Llama folder (model_type "llama", transformers' tensor names):
+without `trust_remote_code` transformers loads it as its own LlamaForCausalLM. Folders written by
+earlier versions (model_type "llamaforge", nanoGPT-style names) load too, renamed on the way in.
 Folders are written beside their destination and renamed into place (fsutil.atomic_folder).
 """
 
@@ -13,12 +16,14 @@ import logging
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
 from transformers import GenerationConfig, GPT2LMHeadModel, LlamaForCausalLM, PreTrainedTokenizerBase
 
 from ..config import ModelConfig, model_kwargs
 from ..errors import UserError
 from ..fsutil import atomic_folder
-from .convert import from_gpt2, from_llama
+from .convert import from_gpt2, from_llama, rename_legacy, uses_legacy_names
 from .hf import LlamaForgeConfig, LlamaForgeForCausalLM
 
 log = logging.getLogger(__name__)
@@ -86,11 +91,15 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise UserError(f"{path} has no weights (*.safetensors); pass a folder written by init, train or export")
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        cfg = json.loads((path / "config.json").read_text())
+        model_type = cfg.get("model_type")
     except (ValueError, UnicodeDecodeError, AttributeError):
         raise UserError(f"{path / 'config.json'} is not a valid JSON config; re-export the folder") from None
+    ours = model_type == "llamaforge" or "LlamaForgeForCausalLM" in json.dumps(cfg.get("auto_map") or {})
     try:
-        if model_type == "llamaforge":
+        if ours and _legacy_weights(path):  # an earlier version's names: renamed while loading
+            model, info = _load_legacy(path, dtype)
+        elif ours:
             model, info = LlamaForgeForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
         elif model_type == "llama":
             llama, info = LlamaForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
@@ -106,3 +115,25 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     if bad:
         raise UserError(f"{path} does not match its config ({bad}); re-export the folder")
     return model.eval()
+
+
+def _legacy_weights(path: Path) -> bool:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        return False
+    with safe_open(str(files[0]), "pt") as f:
+        return uses_legacy_names(f.keys())
+
+
+def _load_legacy(path: Path, dtype: torch.dtype):
+    """A folder of llamaforge <= 0.2 (nanoGPT-style names): built from its config, weights renamed.
+    (Not transformers' `key_mapping`: a model loaded that way would save the old names back.)"""
+    config = LlamaForgeConfig.from_pretrained(path)
+    model = LlamaForgeForCausalLM(config)
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    missing, unexpected = model.load_state_dict(rename_legacy(state, config.hidden_act == "silu"), strict=False)
+    tied = [k for k in missing if k == "lm_head.weight" and config.tie_word_embeddings]
+    info = {"missing_keys": [k for k in missing if k not in tied], "unexpected_keys": list(unexpected)}
+    return model.to(dtype), info

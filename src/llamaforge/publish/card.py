@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..model.io import RECORDS, count_parameters
-from ..runs import config_path, hardware, latest_state, run_summary
+from ..runs import config_path, describe_recipe, hardware, latest_state, run_summary
 
 
 def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals: list[dict] = (),
@@ -24,7 +24,7 @@ def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals
     c = model.config
     rec = dict(previous or {})
     rec["architecture"] = {
-        "type": c.model_type, "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
+        "type": c.model_type, "stock_llama": getattr(c, "is_stock_llama", c.model_type == "llama"), "hidden_size": c.hidden_size, "num_hidden_layers": c.num_hidden_layers,
         "num_attention_heads": c.num_attention_heads, "num_key_value_heads": getattr(c, "num_key_value_heads", None),
         "intermediate_size": getattr(c, "intermediate_size", None), "vocab_size": c.vocab_size,
         "max_position_embeddings": c.max_position_embeddings, "tie_word_embeddings": c.tie_word_embeddings,
@@ -96,9 +96,7 @@ def render_card(rec: dict, repo_name: str = "MODEL") -> str:
             lines.append(f"- SFT data: `{q['data']}`, {q['train_conversations']} conversations (loss on assistant tokens)")
         lines += [f"- Steps: {s['steps']:,}; tokens seen: {s['tokens_seen']:,}; tokens per step: {r.get('batch_tokens', 0):,}; "
                   f"sequence length {r.get('seq_len')}",
-                  f"- Optimizer: AdamW (betas {r.get('beta1')}, {r.get('beta2')}; weight decay {r.get('weight_decay')}), "
-                  f"peak LR {r.get('lr')}, {r.get('warmup_steps')} warmup steps, cosine to {r.get('min_lr_ratio')} of peak, "
-                  f"clip {r.get('grad_clip')}",
+                  f"- Optimizer and schedule: {describe_recipe(r)}",
                   f"- Hardware and precision: {s['hardware']}"]
         res = [f"train loss (mean of last 10 steps) {s['train_loss_last10']:.4f}" if s.get("train_loss_last10") else None,
                f"validation loss {s['val_loss']:.4f}" if s.get("val_loss") else None,
@@ -118,9 +116,13 @@ def render_card(rec: dict, repo_name: str = "MODEL") -> str:
     if rec.get("software"):
         lines += ["## Software", "", "Written with " + ", ".join(f"{k} {v}" for k, v in rec["software"].items())
                   + ". llamaforge's own tests pass with the versions in its `requirements.lock`.", ""]
+    stock = rec.get("architecture", {}).get("stock_llama", False)
     lines += ["## Usage", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              "# the model code shipped in this folder (llamaforge's, importing nothing from llamaforge):",
               f'model = AutoModelForCausalLM.from_pretrained("{repo_name}", trust_remote_code=True)',
-              f'tok = AutoTokenizer.from_pretrained("{repo_name}", trust_remote_code=True)',
+              *(["# or transformers' own LlamaForCausalLM: this is a stock Llama folder too (same logits)",
+                 f'# model = AutoModelForCausalLM.from_pretrained("{repo_name}")'] if stock else []),
+              f'tok = AutoTokenizer.from_pretrained("{repo_name}")',
               'ids = tok("The meaning of life is", return_tensors="pt").input_ids',
               "print(tok.decode(model.generate(ids, max_new_tokens=40)[0]))", "```", "",
               "```bash", f"lm_eval --model hf --model_args pretrained={repo_name},trust_remote_code=True "

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
 from ..fsutil import atomic_folder
+from ..model.convert import rename_legacy
 from ..model.hf import LlamaForgeConfig, LlamaForgeForCausalLM
 from ..runs import STATE, checkpoint_dir, checkpoints, checkpoints_dir, read_state
 
@@ -45,7 +46,10 @@ def gather_full_state(model, optimizer) -> tuple[dict, dict]:
     return get_model_state_dict(model, options=opts), get_optimizer_state_dict(model, optimizer, options=opts)
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep: int = 2,
+PINNED = "PINNED"  # a checkpoint holding this file is never rotated away (WSD's decay start)
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep: int = 2, pin: bool = False,
                     full: tuple[dict, dict] | None = None) -> Path:
     """Write checkpoint `step_{step}`; raises OSError on failure (the previous one is untouched).
     `full`: gathered (model, optimizer) state dicts of a sharded model, written instead of the live ones."""
@@ -64,7 +68,11 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
             rng["cuda"] = torch.cuda.get_rng_state_all()
         torch.save(rng, tmp / "rng.pt")
         (tmp / STATE).write_text(json.dumps(dict(state, step=step), indent=2))
-    for old in checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        if pin:
+            (tmp / PINNED).write_text("kept by rotation: the last checkpoint before the LR decay; "
+                                      "continue a longer run from it with train.resume_from\n")
+    rotating = [c for c in checkpoints(run_dir) if not (c / PINNED).exists()]
+    for old in rotating[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return checkpoint_dir(run_dir, step)
 
@@ -108,7 +116,8 @@ def load_weights(path: Path, model) -> dict:
     """Restore the model's weights in place; returns state.json's content."""
     path = Path(path)
     try:
-        missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+        state = rename_legacy(load_file(str(path / "model.safetensors")), model.config.hidden_act == "silu")
+        missing, unexpected = model.load_state_dict(state, strict=False)  # earlier versions' names renamed
     except RuntimeError as e:  # a tensor of another shape
         raise ValueError(f"checkpoint {path} does not fit the model ({str(e).strip().splitlines()[-1][:200]})") from None
     tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
@@ -121,7 +130,7 @@ def load_weights(path: Path, model) -> dict:
 def model_from_checkpoint(path: Path) -> LlamaForgeForCausalLM:
     """The model saved in a checkpoint folder, built from the config its state.json holds."""
     state = read_state(path)
-    config = LlamaForgeConfig(**{k: v for k, v in state["model_config"].items() if k not in ("architectures", "auto_map")})
+    config = LlamaForgeConfig(**{k: v for k, v in state["model_config"].items() if k not in ("architectures", "auto_map", "model_type")})
     model = LlamaForgeForCausalLM(config)
     load_weights(path, model)
     return model.eval()

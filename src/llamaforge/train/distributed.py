@@ -3,6 +3,10 @@
 `torchrun --nproc_per_node N -m llamaforge train ...` sets RANK / WORLD_SIZE / LOCAL_RANK; we join
 the process group (NCCL on CUDA, gloo on CPU) and wrap the model in DDP, or shard it with FSDP2
 (`fully_shard`, one unit per transformer block). The model code knows nothing of this.
+
+`torch.compile` is applied to each transformer block before wrapping (torchtitan's way), not to the
+DDP/FSDP module: the wrapper's hooks and collectives stay outside the compiled graphs, every block
+reuses one graph, and the state-dict names stay the model's own.
 """
 
 from __future__ import annotations
@@ -57,18 +61,27 @@ def setup(device: str | None = None) -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def wrap(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.Module:
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Compile every transformer block in place (`nn.Module.compile`: parameter names unchanged)."""
+    for block in model.model.layers:
+        block.compile()
+
+
+def wrap(model: torch.nn.Module, d: Dist, fsdp: bool = False, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """DDP, or FSDP2 with `param_dtype` (e.g. bf16) for the gathered weights the blocks compute
+    with, gradients reduced in fp32, and fp32 shards kept for the optimizer."""
     if d.world == 1:
         return model
     if fsdp:
-        try:
-            from torch.distributed.fsdp import fully_shard  # torch >= 2.6
-        except ImportError:
-            from torch.distributed._composable.fsdp import fully_shard  # torch 2.5
+        try:  # torch >= 2.6
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        except ImportError:  # torch 2.5
+            from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
         for block in model.model.layers:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 

@@ -10,6 +10,7 @@ optimizer and scheduler state). The loop only trains: publishing RUN_DIR/final i
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
 import pickle
@@ -22,14 +23,15 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, save_config
+from ..config import RunConfig, micro_batch_for, save_config
 from ..errors import UserError, require_extra
+from ..fsutil import atomic_write_bytes
 from ..eval.loss import windowed_loss
-from ..runs import RunRecord, config_path, metrics_path, tokenizer_dir
+from ..runs import RunRecord, config_path, describe_recipe, metrics_path, read_metrics, tokenizer_dir
 from . import checkpoint as ckpt
-from .distributed import Dist, setup, teardown, unwrap, wrap
+from .distributed import Dist, compile_blocks, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, train_flops_per_token
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, decay_start
 from .precision import choose as choose_precision
 from .step import train_step
 
@@ -80,16 +82,33 @@ def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
     if t.seq_len > model_config.max_position_embeddings:
         raise UserError(f"seq_len {t.seq_len} exceeds the model's max_position_embeddings "
                         f"{model_config.max_position_embeddings}; lower --train.seq_len or use `llamaforge extend`")
-    per_micro = t.seq_len * t.micro_batch * world
+    micro = micro_batch_for(t, world)
+    per_micro = t.seq_len * micro * world
     if t.batch_tokens % per_micro:
+        if t.batch_tokens % (t.seq_len * world) == 0:
+            fix = "change --batch-tokens, or leave train.micro_batch out to derive it"
+        else:
+            fix = f"make --batch-tokens a multiple of seq_len x processes = {t.seq_len * world}"
         raise UserError(f"batch_tokens {t.batch_tokens} is not a multiple of micro_batch x seq_len x processes "
-                        f"= {t.micro_batch} x {t.seq_len} x {world} = {per_micro}; change --batch-tokens or micro_batch")
+                        f"= {micro} x {t.seq_len} x {world} = {per_micro}; {fix}")
+    if t.optimizer == "muon" and t.fsdp and world > 1:
+        raise UserError("train.optimizer muon with train.fsdp: Muon needs whole matrices and FSDP2 shards them; "
+                        "use DDP (--train.fsdp false) with Muon, or --train.optimizer adamw with FSDP")
+    if t.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"train.optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
     if t.max_steps <= 0 or t.lr <= 0:
         raise UserError("max_steps and lr must be positive")
     if t.wandb:
         require_extra("wandb", "wandb")
     if t.tensorboard:
         require_extra("tensorboard", "tensorboard")
+
+
+def copy_metrics(source_run: Path, run_dir: Path, step: int) -> None:
+    """The source run's metrics up to `step`, as the start of this run's metrics.jsonl."""
+    kept = [json.dumps(r) + "\n" for r in read_metrics(source_run) if r.get("step", 0) <= step]
+    if kept:
+        atomic_write_bytes(metrics_path(run_dir), "".join(kept).encode())
 
 
 def _install_sigterm():
@@ -122,6 +141,13 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
     check_runnable(cfg, model.config, d.world)
     found = ckpt.checkpoints(run_dir)
     usable, rejected = ckpt.newest_valid(found)
+    continued = None
+    if t.resume_from and not found:  # a new run directory continuing another run's checkpoint
+        continued = Path(t.resume_from)
+        why = ckpt.problem(continued) if continued.is_dir() else "no such checkpoint folder"
+        if why:
+            raise UserError(f"train.resume_from {continued}: {why}; give a run's checkpoints/step_N folder")
+        usable = continued
     if d.world > 1:  # rank 0 decides; every rank must then see that very checkpoint
         chosen = d.broadcast(usable.name if usable else None)
         if chosen is not None and (usable is None or usable.name != chosen):
@@ -155,11 +181,18 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         save_config(cfg, config_path(run_dir))
         if not tokenizer_dir(run_dir).exists():
             tokenizer.save_pretrained(tokenizer_dir(run_dir))  # checkpoints load with it (runs.resolve_model)
-    wrapped = wrap(model, d, t.fsdp)  # FSDP2 replaces parameters: the optimizer is built after this
-    optimizer = build_optimizer(wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), device)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-    sharded = t.fsdp and d.world > 1
     precision = choose_precision(t.precision, device)
+    if t.compile:  # each block, before DDP/FSDP wraps the model
+        compile_blocks(model)
+    wrapped = wrap(model, d, t.fsdp, precision.dtype if precision.name == "bf16" else None)
+    # FSDP2 replaces parameters: the optimizer is built after wrapping
+    optimizer = build_optimizer(wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), device, t.optimizer, t.muon_lr,
+                                t.muon_momentum, t.muon_weight_decay)
+    scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule, t.decay_fraction,
+                                t.decay_shape)
+    micro_batch = micro_batch_for(t, d.world)
+    stable_end = decay_start(t.max_steps, t.schedule, t.decay_fraction)
+    sharded = t.fsdp and d.world > 1
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     if state is not None:
         try:  # weights_only loading: a pickle that would run code is refused, never executed
@@ -168,25 +201,29 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
             raise UserError(f"{usable.relative_to(run_dir)} has an optimizer or RNG state that cannot be read safely "
                             f"({type(e).__name__}); move that checkpoint away to resume from an older one") from None
         scheduler.load_state_dict(state["scheduler"])
+        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * fn(scheduler.last_epoch)  # this run's schedule (a longer run: not the saved LR)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         batches.load_state_dict(state["loader"])
         step, tokens_seen = state["step"], state["tokens_seen"]
     if step == 0 and d.main:
         metrics_path(run_dir).unlink(missing_ok=True)
+    if continued is not None and d.main and not metrics_path(run_dir).exists():
+        copy_metrics(continued.parent.parent, run_dir, step)  # the curves start where the source run began
     metrics = MetricsLogger(run_dir, enabled=d.main, wandb_project=t.wandb_project if t.wandb else None,
                             tensorboard=t.tensorboard is not False,
                             config=asdict(cfg), truncate_after_step=step)
     peak, peak_source = peak_flops(device, precision.dtype)
     metrics.log("event", step, event="started", device=device_name(device), world=d.world,
-                precision=precision.label(), precision_reason=precision.reason, fsdp=sharded,
+                precision=precision.label(), precision_reason=precision.reason, fsdp=sharded, micro_batch=micro_batch,
+                recipe=describe_recipe(asdict(t)),
                 mfu_peak_tflops=round(peak / 1e12, 2), mfu_peak_source=peak_source)
     log.info("precision: %s (%s)", precision.label(), precision.reason)
     for path, why in rejected:
         metrics.log("event", step, event="checkpoint_invalid", checkpoint=path.name, reason=why)
     if usable:
         metrics.log("event", step, event="resumed", checkpoint=usable.name)
-    run_model = torch.compile(wrapped) if t.compile else wrapped
     eval_model = unwrap(wrapped)
     flops_per_token = train_flops_per_token(model.config, t.seq_len)
 
@@ -202,7 +239,8 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         if not d.main:
             return
         try:
-            path = ckpt.save_checkpoint(run_dir, step, model, optimizer, state(), keep=t.keep_last, full=full)
+            path = ckpt.save_checkpoint(run_dir, step, model, optimizer, state(), keep=t.keep_last, full=full,
+                                        pin=tag == "decay_start")
             metrics.log("event", step, event="checkpoint", path=str(path.relative_to(run_dir)), reason=tag)
         except Exception as e:  # noqa: BLE001 - disk full, read-only, permission, safetensors' own errors
             metrics.log("event", step, event="checkpoint_failed", error=f"{type(e).__name__}: {e}")
@@ -236,11 +274,13 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
             batch = batches.next_batch()
             if device.type == "cuda":  # pinned once, so each micro-batch's copy is asynchronous
                 batch = (batch[0].pin_memory(), batch[1].pin_memory())
-            micro = split_micro(batch, t.micro_batch)
+            micro = split_micro(batch, micro_batch)
             start = time.perf_counter()
-            stats = train_step(run_model, optimizer, micro, t.grad_clip, device, d.all_reduce if d.world > 1 else None,
+            stats = train_step(wrapped, optimizer, micro, t.grad_clip, device, d.all_reduce if d.world > 1 else None,
                                d.world, precision, scaler)
-            lr = scheduler.get_last_lr()[0]
+            lrs = {"lr": optimizer.param_groups[-1]["lr"]}  # the LR this step used (AdamW's; Muon's apart)
+            if t.optimizer == "muon":
+                lrs["muon_lr"] = optimizer.param_groups[0]["lr"]
             scheduler.step()
             step += 1
             seconds = time.perf_counter() - start
@@ -255,14 +295,16 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
             bad_streak = 0
             tokens_seen += stats.tokens
             tps = stats.tokens / seconds
-            metrics.log("train", step, loss=stats.loss, lr=lr, grad_norm=stats.grad_norm, tokens=stats.tokens,
+            metrics.log("train", step, loss=stats.loss, **lrs, grad_norm=stats.grad_norm, tokens=stats.tokens,
                         tokens_seen=tokens_seen, tokens_per_s=tps, step_s=seconds,
                         mfu=flops_per_token * tps / d.world / peak, peak_mem_gb=peak_memory_gb(device))
-            bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+            bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lrs['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
             bar.update()
             if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
                 evaluate()
-            if t.save_every and step % t.save_every == 0 and step < t.max_steps:
+            if step == stable_end and step < t.max_steps:  # WSD: the checkpoint a longer run continues from
+                save("decay_start")
+            elif t.save_every and step % t.save_every == 0 and step < t.max_steps:
                 save("interval")
     except KeyboardInterrupt:
         interrupted = True

@@ -1,4 +1,17 @@
-"""AdamW with decoupled weight decay on weight matrices only, and warmup + cosine schedule."""
+"""Optimizers (AdamW, or Muon for the hidden matrices with AdamW for the rest) and LR schedules
+(warmup + cosine, or warmup-stable-decay).
+
+Muon (Keller Jordan 2024; "Muon is Scalable for LLM Training", Moonshot 2025) orthogonalizes each
+hidden weight matrix's momentum with a few Newton-Schulz iterations: every direction of the matrix
+moves at the same rate. It is meant for the 2-D matrices inside the blocks (attention and MLP
+projections); embeddings, the output head, norms and biases stay with AdamW. We use PyTorch's own
+`torch.optim.Muon` (torch >= 2.9) with Keller's "original" LR scaling, where the reference learning
+rate is ~0.02 (torch's default 1e-3 would make steps ~20x too small).
+
+WSD (Hägele et al. 2024): linear warmup, a constant LR, then a decay to `min_lr_ratio` over the last
+`decay_fraction` of the steps. Because the LR is flat until the decay, a run can be continued past its
+planned length from any checkpoint taken before the decay starts (resume with a larger --max-steps).
+"""
 
 from __future__ import annotations
 
@@ -7,30 +20,94 @@ import math
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from ..errors import UserError
 
-def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
-                    device: torch.device | None = None) -> torch.optim.AdamW:
-    """Decay matrices (dim >= 2: linear weights, embeddings), not norms or biases.
+OPTIMIZERS = ("adamw", "muon")
+SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "1-sqrt")
 
-    Fused AdamW (one kernel for all parameters) where the device supports it: CUDA, and CPU for
-    fp32; measured faster than the foreach default on the benchmark model here."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    device = device or params[0].device
-    fused = device.type in ("cuda", "cpu")
+
+def _adamw(groups, lr, betas, device) -> torch.optim.AdamW:
+    fused = device.type in ("cuda", "cpu")  # one kernel for all parameters (faster than foreach here)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float = 0.1) -> float:
-    """Linear warmup to 1 over `warmup_steps`, then cosine decay to `min_ratio` at `max_steps`."""
+def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
+                    device: torch.device | None = None, kind: str = "adamw", muon_lr: float = 0.02,
+                    muon_momentum: float = 0.95, muon_weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW: decay matrices (dim >= 2: linear weights, embeddings), not norms or biases.
+    muon: torch.optim.Muon for the blocks' 2-D matrices, AdamW (as above) for everything else."""
+    if kind not in OPTIMIZERS:
+        raise UserError(f"train.optimizer {kind!r} is not one of {', '.join(OPTIMIZERS)}")
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    device = device or named[0][1].device
+    hidden = [p for n, p in named if kind == "muon" and p.dim() == 2 and ".layers." in f".{n}"]  # inside the blocks
+    ids = {id(p) for p in hidden}
+    rest = [p for _, p in named if id(p) not in ids]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = _adamw([g for g in groups if g["params"]], lr, betas, device)
+    if not hidden:
+        return adamw
+    muon = torch.optim.Muon(hidden, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
+                            adjust_lr_fn="original")
+    return MuonWithAdamW(muon, adamw)
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Two torch optimizers seen as one: their param_groups (the same dicts, so an LR scheduler and a
+    GradScaler act on both), one step, one state dict {"muon": ..., "adamw": ...}."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+        super().__init__([p for o in (muon, adamw) for g in o.param_groups for p in g["params"]], {})
+        self.muon, self.adamw = muon, adamw
+        self.param_groups = muon.param_groups + adamw.param_groups
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adamw.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if set(state_dict) != {"muon", "adamw"}:
+            raise ValueError("optimizer state is not a Muon + AdamW state (was the run started with another optimizer?)")
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adamw.load_state_dict(state_dict["adamw"])
+        self.param_groups = self.muon.param_groups + self.adamw.param_groups  # loading made new group dicts
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float = 0.1, schedule: str = "cosine",
+              decay_fraction: float = 0.2, decay_shape: str = "linear") -> float:
+    """The LR multiplier at `step` (0-based). Linear warmup to 1 over `warmup_steps`, then
+    cosine: decay to `min_ratio` at `max_steps`; wsd: 1 until the last `decay_fraction` of the
+    steps, then down to `min_ratio` (linearly, or as 1 - sqrt(progress))."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    decay_steps = max(1, round(decay_fraction * max_steps))
+    start = max_steps - decay_steps
+    if step < start:
+        return 1.0
+    progress = min(1.0, (step - start + 1) / decay_steps)
+    down = progress if decay_shape == "linear" else math.sqrt(progress)
+    return min_ratio + (1 - min_ratio) * (1 - down)
 
 
-def build_scheduler(optimizer, warmup_steps: int, max_steps: int, min_ratio: float = 0.1) -> LambdaLR:
-    return LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, max_steps, min_ratio))
+def decay_start(max_steps: int, schedule: str, decay_fraction: float) -> int | None:
+    """The first step whose LR is below the peak (WSD), None for cosine."""
+    return max_steps - max(1, round(decay_fraction * max_steps)) if schedule == "wsd" else None
+
+
+def build_scheduler(optimizer, warmup_steps: int, max_steps: int, min_ratio: float = 0.1, schedule: str = "cosine",
+                    decay_fraction: float = 0.2, decay_shape: str = "linear") -> LambdaLR:
+    return LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, max_steps, min_ratio, schedule, decay_fraction,
+                                                   decay_shape))

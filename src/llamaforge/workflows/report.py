@@ -22,6 +22,7 @@ from ..runs import (
     positions_path,
     read_metrics,
     read_state,
+    recipe,
     run_summary,
 )
 
@@ -166,7 +167,7 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
                      f"{s.get('wall_s', 0) / 60:.1f}", f"{p.get('non_embedding', 0) / 1e6:.2f}M / {p.get('total', 0) / 1e6:.2f}M"])
     md.append(_table(["run", "steps", "tokens", "train loss (last 10 steps)", "val loss", "val bits/byte",
                       "minutes", "params (non-emb / total)"], rows))
-    md += [""] + [f"- {r.name}: {hardware(r)}" for r in runs]
+    md += [""] + [f"- {r.name}: {hardware(r)}; {recipe(r)}" for r in runs]
     for r in runs:
         pos_path = positions_path(r)
         if pos_path.exists():

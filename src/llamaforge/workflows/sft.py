@@ -7,7 +7,7 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from ..config import RunConfig
+from ..config import RunConfig, micro_batch_for
 from ..data.sft import CHAT_TEMPLATE, SFTBatches, SFTStats, chat_prompt, split_val, tokenize_conversations
 from ..publish.card import read_records
 from ..runs import RunRecord
@@ -32,7 +32,7 @@ def sft(cfg: RunConfig, model_path: str, data: str, run_dir: str | Path, strict:
 
     def factory(rank: int, world: int):
         return SFTBatches(train_set, val_set, seqs, tokenizer.pad_token_id, rank, world, cfg.train.seed,
-                          cfg.train.micro_batch)
+                          micro_batch_for(cfg.train, world))
 
     record = RunRecord(previous_card=read_records(tok_dir) or {},
                        sft={"from": str(model_path), "data": str(data), "train_conversations": len(train_set),

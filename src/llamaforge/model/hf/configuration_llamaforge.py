@@ -8,6 +8,13 @@ Architecture switches (LlamaConfig's names where it has them): `hidden_act` "sil
 "rope" | "learned" (absolute, GPT-2); `attention_bias`, `mlp_bias`. The defaults are LLaMA; the
 gpt2 presets set all five (see README, "A second architecture").
 
+A LLaMA-shaped model (RMSNorm, rotary, SwiGLU) is saved as a stock Llama config: `model_type:
+"llama"`, `architectures: ["LlamaForCausalLM"]`, every field written out (a stock reader fills a
+missing field with its own default, not ours), and `auto_map` pointing at these files. Loaded with
+`trust_remote_code=True` the Auto classes use this class; without it, transformers' own Llama. The
+GPT-2 variant has no stock twin under the Llama names and is saved as `model_type: "llamaforge"`
+(llamaforge-only; `llamaforge export --format gpt2` writes a stock GPT-2 folder).
+
 Rotary settings live where the installed transformers keeps them for Llama: `rope_parameters`
 (transformers >= 5: {"rope_type": "default"|"linear", "factor": F, "rope_theta": T}) or the older
 `rope_scaling` + `rope_theta`. Both spellings are accepted on input.
@@ -20,7 +27,7 @@ _HAS_ROPE_PARAMETERS = isinstance(getattr(PretrainedConfig, "rope_scaling", None
 
 
 class LlamaForgeConfig(PretrainedConfig):
-    model_type = "llamaforge"
+    model_type = "llama"  # what PEFT, lm-eval and other Llama-aware tools key on; see to_dict for GPT-2
     keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
@@ -105,6 +112,22 @@ class LlamaForgeConfig(PretrainedConfig):
             **kwargs,
         )
         self.tie_word_embeddings = tie_word_embeddings
+
+    @property
+    def is_stock_llama(self) -> bool:
+        """True when transformers' LlamaForCausalLM computes exactly this model."""
+        return self.position_embedding_type == "rope" and self.norm_type == "rmsnorm" and self.hidden_act == "silu"
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        if self.is_stock_llama:
+            out["model_type"], out["architectures"] = "llama", ["LlamaForCausalLM"]
+        else:
+            out["model_type"] = "llamaforge"  # a stock Llama reader must refuse it, not misread it
+        return out
+
+    def to_diff_dict(self) -> dict:
+        return self.to_dict()  # every field: stock defaults differ from ours (e.g. max_position_embeddings)
 
     @property
     def rope_factor(self) -> float:

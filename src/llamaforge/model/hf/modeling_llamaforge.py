@@ -2,7 +2,7 @@
 
 Design decisions, up front:
 - pre-normalization with RMSNorm computed in fp32 (bf16 variance underflows), no biases anywhere;
-- SwiGLU MLP: w2(silu(w1 x) * w3 x);
+- SwiGLU MLP: down_proj(silu(gate_proj x) * up_proj x);
 - rotary embeddings in the rotate-half layout used by transformers' Llama, so weights map 1:1;
   linear Position Interpolation divides the frequencies by `factor` (arXiv 2306.15595);
 - grouped-query attention through F.scaled_dot_product_attention (flash kernels on GPU);
@@ -13,6 +13,12 @@ Design decisions, up front:
   transformers renamed the cache argument and output field from `past_key_values` to `cache` (5.24):
   both names are accepted and the cache is returned under the field the installed version has.
 Self-contained: imports nothing from llamaforge, so it travels with the weights (trust_remote_code).
+
+Why transformers' Llama names (q_proj, gate_proj, input_layernorm... where nanoGPT-style code says
+wq, w1, attention_norm): a folder we write is then also a stock Llama folder (`model_type: llama`,
+`architectures: [LlamaForCausalLM]`, the same tensor names), so this class loads it with
+`trust_remote_code=True`, transformers' own LlamaForCausalLM without it, and PEFT, vLLM, llama.cpp's
+converter and every other Llama reader need no conversion step.
 """
 
 import math
@@ -82,17 +88,17 @@ class Attention(nn.Module):
         self.n_kv_head = config.num_key_value_heads
         self.head_dim = config.hidden_size // config.num_attention_heads
         bias = config.attention_bias
-        self.wq = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
-        self.wk = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
-        self.wv = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
-        self.wo = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
-        self.wo.residual_out = True  # scaled init, see _init_weights
+        self.q_proj = nn.Linear(config.hidden_size, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj.residual_out = True  # scaled init, see _init_weights
 
     def forward(self, x, cos, sin, mask, past_key_values):
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = self.wk(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
-        v = self.wv(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cos is not None:  # rotary positions (None: learned absolute positions were added to the input)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_key_values is not None:
@@ -103,39 +109,39 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, hidden)
-        return self.wo(y)
+        return self.o_proj(y)
 
 
-class FeedForward(nn.Module):
-    """SwiGLU w2(silu(w1 x) * w3 x) for LLaMA; GPT-2's w2(gelu(w1 x)) when hidden_act is gelu_new."""
+class MLP(nn.Module):
+    """SwiGLU down(silu(gate x) * up x) for LLaMA; GPT-2's down(gelu(up x)) when hidden_act is gelu_new."""
 
     def __init__(self, config: LlamaForgeConfig):
         super().__init__()
         self.gated = config.hidden_act == "silu"
         bias = config.mlp_bias
-        self.w1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)  # gate (GPT-2: c_fc)
         if self.gated:
-            self.w3 = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)  # up
-        self.w2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)  # down (GPT-2: c_proj)
-        self.w2.residual_out = True
+            self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=bias)  # GPT-2: c_fc
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=bias)  # GPT-2: c_proj
+        self.down_proj.residual_out = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gated:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
-        return self.w2(F.gelu(self.w1(x), approximate="tanh"))
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
 class Block(nn.Module):
     def __init__(self, config: LlamaForgeConfig, layer_idx: int):
         super().__init__()
-        self.attention_norm = make_norm(config)
-        self.attention = Attention(config, layer_idx)
-        self.ffn_norm = make_norm(config)
-        self.feed_forward = FeedForward(config)
+        self.input_layernorm = make_norm(config)  # pre-norm before attention
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = make_norm(config)  # pre-norm before the MLP
+        self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, mask, past_key_values):
-        x = x + self.attention(self.attention_norm(x), cos, sin, mask, past_key_values)
-        return x + self.feed_forward(self.ffn_norm(x))
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, past_key_values)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 def build_attention_mask(attention_mask: torch.Tensor | None, T: int, past: int,

@@ -1,0 +1,131 @@
+"""The training recipe: Muon (torch.optim.Muon) + AdamW, warmup-stable-decay, derived micro-batches,
+exact continuation of a WSD run past its planned length, and the optimizer/schedule in the card."""
+
+import copy
+
+import pytest
+import torch
+
+from helpers import write_stories
+from llamaforge.config import load_config, micro_batch_for
+from llamaforge.data.prepare import prepare
+from llamaforge.errors import UserError
+from llamaforge.runs import checkpoints, read_metrics
+from llamaforge.train.loop import check_runnable
+from llamaforge.train.optim import MuonWithAdamW, build_optimizer, build_scheduler, decay_start, lr_factor
+from llamaforge.train.step import train_step
+from llamaforge.workflows.pretrain import pretrain
+
+MICRO = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=2",
+         "model.num_key_value_heads=1", "model.max_position_embeddings=64", "train.seq_len=32", "train.batch_tokens=256",
+         "train.eval_tokens=512", "train.warmup_steps=2", "train.sample_prompt=The", "train.precision=fp32",
+         "train.eval_every=0", "train.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    write_stories(root / "c.jsonl", 400)
+    prepare(str(root / "c.jsonl"), root / "d", val_fraction=0.05, workers=0, progress=False)
+    return root / "d"
+
+
+def losses(run):
+    return {r["step"]: r["loss"] for r in read_metrics(run) if r["type"] == "train"}
+
+
+def test_wsd_warms_up_holds_then_decays_to_the_floor():
+    f = [lr_factor(s, 10, 100, 0.0, "wsd", 0.2) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(x == 1.0 for x in f[10:80])  # stable: a longer run continues from here unchanged
+    assert f[80] < 1.0 and f[99] == pytest.approx(0.0) and all(a > b for a, b in zip(f[80:], f[81:]))
+    assert decay_start(100, "wsd", 0.2) == 80 and decay_start(100, "cosine", 0.2) is None
+    sqrt = lr_factor(89, 10, 100, 0.0, "wsd", 0.2, "1-sqrt")
+    assert sqrt == pytest.approx(1 - 0.5 ** 0.5) and sqrt < lr_factor(89, 10, 100, 0.0, "wsd", 0.2)
+
+
+def test_micro_batch_is_derived_when_not_given():
+    cfg = load_config(overrides=["train.seq_len=1024", "train.batch_tokens=4096"])
+    assert cfg.train.micro_batch is None and micro_batch_for(cfg.train) == 4  # extend --batch-tokens 4096 runs
+    cfg = load_config(overrides=["train.seq_len=256", "train.batch_tokens=524288"])
+    assert micro_batch_for(cfg.train) == 32 and micro_batch_for(cfg.train, world=8) == 32  # capped at 8192 tokens
+    cfg = load_config(overrides=["train.seq_len=256", "train.batch_tokens=6144"])  # 24 sequences: largest divisor <= 32
+    assert micro_batch_for(cfg.train) == 24 and micro_batch_for(cfg.train, world=2) == 12
+    explicit = load_config(overrides=["model.max_position_embeddings=1024", "train.seq_len=1024", "train.batch_tokens=4096",
+                                        "train.micro_batch=8"])
+    with pytest.raises(UserError, match="leave train.micro_batch out"):
+        check_runnable(explicit, explicit.model, 1)
+
+
+def test_muon_with_fsdp_is_refused_and_bad_choices_too():
+    cfg = load_config(overrides=["train.optimizer=muon", "train.fsdp=true"])
+    with pytest.raises(UserError, match="Muon needs whole matrices"):
+        check_runnable(cfg, cfg.model, 2)
+    for bad in ("train.optimizer=sgd", "train.schedule=linear", "train.decay_shape=cos", "train.decay_fraction=0"):
+        with pytest.raises(UserError, match=bad.split("=")[0]):
+            load_config(overrides=[bad])
+
+
+def test_muon_takes_the_blocks_matrices_and_resumes_exactly(small_model):
+    model = small_model()
+    opt = build_optimizer(model, lr=1e-3, kind="muon")
+    assert isinstance(opt, MuonWithAdamW)
+    muon = {id(p) for g in opt.muon.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        assert (id(p) in muon) == (".layers." in name and p.dim() == 2), name  # embeddings, head, norms: AdamW
+    x = torch.randint(0, 512, (4, 17), generator=torch.Generator().manual_seed(0))
+    batch = [(x[:, :-1], x[:, 1:])]
+
+    def run(m, o, s, n):
+        out = []
+        for _ in range(n):
+            out.append(train_step(m, o, batch).loss)
+            s.step()
+        return out
+
+    sched = build_scheduler(opt, 1, 6, 0.0, "wsd", 0.5)  # the resumed steps decay the LR
+    first = run(model, opt, sched, 3)
+    assert first[-1] < first[0]  # it learns
+    saved = copy.deepcopy((sched.state_dict(), model.state_dict(), opt.state_dict()))  # live tensors otherwise
+    straight = run(model, opt, sched, 3)
+    fresh = small_model(seed=1)
+    fresh.load_state_dict(saved[1])
+    opt2 = build_optimizer(fresh, lr=1e-3, kind="muon")
+    sched2 = build_scheduler(opt2, 1, 6, 0.0, "wsd", 0.5)  # the loop's order: scheduler, then the states
+    opt2.load_state_dict(saved[2])
+    sched2.load_state_dict(saved[0])
+    assert run(fresh, opt2, sched2, 3) == straight  # bit-exact: momentum buffers and the LR schedule restored
+    assert [g["lr"] for g in opt2.muon.param_groups] == [g["lr"] for g in opt.muon.param_groups] != [0.02]
+    with pytest.raises(ValueError, match="Muon"):
+        opt2.load_state_dict(build_optimizer(fresh, lr=1e-3).state_dict())  # an AdamW run's state
+
+
+def test_wsd_run_continues_past_its_planned_length_exactly_and_the_card_says_so(data, tmp_path):
+    """A Muon + WSD run of 8 steps keeps the checkpoint where its decay starts (step 6); a new run
+    continuing from it with 12 steps gives, step for step, the losses of a straight 12-step run."""
+    recipe = [*MICRO, "train.optimizer=muon", "train.schedule=wsd", "train.decay_fraction=0.25", "train.min_lr_ratio=0",
+              "train.save_every=2", "train.keep_last=1"]
+    short, longer, straight = tmp_path / "short", tmp_path / "longer", tmp_path / "straight"
+    pretrain(load_config("tiny", overrides=[*recipe, "train.max_steps=8"]), data, short, progress=False)
+    names = [p.name for p in checkpoints(short)]
+    assert names == ["step_6", "step_8"] and (short / "checkpoints" / "step_6" / "PINNED").exists()  # kept by rotation
+    pretrain(load_config("tiny", overrides=[*recipe, "train.max_steps=12", "train.decay_fraction=0.5"]), data, straight,
+             progress=False)
+    cont = load_config("tiny", overrides=[*recipe, "train.max_steps=12", "train.decay_fraction=0.5",
+                                          f"train.resume_from={short / 'checkpoints' / 'step_6'}"])
+    pretrain(cont, data, longer, progress=False)
+    want, got = losses(straight), losses(longer)
+    assert sorted(got) == list(range(1, 13))  # the source run's first 6 steps are copied into the new run's metrics
+    assert [got[s] for s in range(1, 13)] == [want[s] for s in range(1, 13)]
+    assert losses(short)[8] != want[8]  # the short run decayed at steps 7-8: different updates
+    card = (straight / "final" / "README.md").read_text()
+    assert "Muon for the blocks' matrices" in card and "warmup-stable-decay" in card
+    started = [r for r in read_metrics(straight) if r.get("event") == "started"][0]
+    assert "Muon" in started["recipe"] and started["micro_batch"] == 8
+
+
+def test_resume_from_a_missing_checkpoint_is_one_line(data, tmp_path):
+    cfg = load_config("tiny", overrides=[*MICRO, "train.max_steps=2", f"train.resume_from={tmp_path / 'nope'}"])
+    with pytest.raises(UserError, match="no such checkpoint folder"):
+        pretrain(cfg, data, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
