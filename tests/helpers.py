@@ -53,3 +53,22 @@ def assert_user_error(done: subprocess.CompletedProcess, *words: str) -> None:
     assert len(lines) == 1 and lines[0].startswith("llamaforge: error:"), done.stderr[-2000:]
     for w in words:
         assert w in lines[0], lines[0]
+
+
+def _bf16_param():
+    """The `bf16` case of a precision parametrization: runs on CPUs with AMX/AVX512-BF16 (bf16 is the
+    `auto` choice there), skips elsewhere (emulated bf16 is ~100x slower) unless LLAMAFORGE_TEST_BF16=1."""
+    import os
+
+    import pytest
+
+    from llamaforge.train.precision import cpu_flags
+
+    fast = bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
+    run = fast or os.environ.get("LLAMAFORGE_TEST_BF16") == "1"
+    return pytest.param("bf16", marks=pytest.mark.skipif(
+        not run, reason="this CPU has no AMX/AVX512-BF16 (bf16 emulated, slow); LLAMAFORGE_TEST_BF16=1 runs it anyway"))
+
+
+PRECISIONS = ["fp32", _bf16_param()]
+TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}  # across process counts / compiled kernels; resume is exact in both

@@ -117,6 +117,10 @@ def load_weights(path: Path, model) -> dict:
     path = Path(path)
     try:
         state = rename_legacy(load_file(str(path / "model.safetensors")), model.config.hidden_act == "silu")
+        if model.config.tie_word_embeddings:  # a tied pair is stored once, under either name
+            for a, b in (("model.embed_tokens.weight", "lm_head.weight"), ("lm_head.weight", "model.embed_tokens.weight")):
+                if a not in state and b in state:
+                    state[a] = state[b]
         missing, unexpected = model.load_state_dict(state, strict=False)  # earlier versions' names renamed
     except RuntimeError as e:  # a tensor of another shape
         raise ValueError(f"checkpoint {path} does not fit the model ({str(e).strip().splitlines()[-1][:200]})") from None

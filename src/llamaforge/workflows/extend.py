@@ -38,9 +38,9 @@ log = logging.getLogger(__name__)
 def interpolate(model, seq_len: int, factor: float | None = None):
     """A copy of `model` reading `seq_len` positions with linear interpolation (same weights)."""
     config = model.config
-    if getattr(config, "model_type", None) != "llamaforge" or config.position_embedding_type != "rope":
-        raise UserError(f"model type {config.model_type!r} has no rotary embeddings to interpolate; "
-                        "extend works on llamaforge (LLaMA) models")
+    if getattr(config, "position_embedding_type", None) != "rope":
+        raise UserError("this model has no rotary embeddings to interpolate (learned positions: GPT-2); "
+                        "extend works on LLaMA models")
     old = config.max_position_embeddings
     if seq_len <= old:
         raise UserError(f"--seq-len {seq_len} is not larger than the model's {old} positions; pass a longer length")
