@@ -14,11 +14,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+ADAMW, MUON = ["train.optimizer=adamw"], ["train.optimizer=muon"]
+COSINE, WSD = ["train.schedule=cosine", "train.min_lr_ratio=0.1"], ["train.schedule=wsd", "train.min_lr_ratio=0.0"]
 RECIPES = {
-    "adamw+cosine": [],  # the baseline: what `tiny` trained with before
-    "adamw+wsd": ["train.schedule=wsd", "train.min_lr_ratio=0.0"],
-    "muon+cosine": ["train.optimizer=muon"],
-    "muon+wsd": ["train.optimizer=muon", "train.schedule=wsd", "train.min_lr_ratio=0.0"],
+    "adamw+cosine": ADAMW + COSINE,  # the baseline: the 2023 standard, what `tiny` trained with before
+    "adamw+wsd": ADAMW + WSD,
+    "muon+cosine": MUON + COSINE,
+    "muon+wsd": MUON + WSD,
 }
 BASELINE = "adamw+cosine"
 

@@ -41,21 +41,27 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux: KB
 
 
-def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048) -> float:
-    """Measured matmul FLOP/s on this device in the training dtype: the denominator of MFU."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = float("inf")
-    for i in range(6):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 2:
-            best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, budget_s: float = 0.05) -> float:
+    """Measured matmul FLOP/s on this device in the training dtype: the denominator of MFU.
+    The size doubles from 256 up to `n` while one product takes under `budget_s`, so a dtype the
+    hardware only emulates (bf16 on an AVX2 CPU: a 2048^3 product takes seconds) costs no minutes."""
+    size, best = 256, float("inf")
+    while True:
+        a = torch.randn(size, size, device=device, dtype=dtype)
+        b = torch.randn(size, size, device=device, dtype=dtype)
+        best = float("inf")
+        for i in range(5):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:
+                best = min(best, time.perf_counter() - t)
+        if size >= n or best > budget_s:
+            return 2 * size**3 / best
+        size *= 2
 
 
 # dense (no sparsity) tensor-core peaks from the vendors' data sheets, TFLOP/s, by dtype
