@@ -3,8 +3,10 @@
 On a CUDA machine: the flash SDPA kernel accepts our attention call (bf16, causal, GQA and not);
 `llama-150m` trains STEPS steps through the ordinary `llamaforge train` code with torch.compile off
 and on (losses must agree within bf16 tolerance); peak memory, tokens/s and MFU are printed (MFU
-against the GPU's spec bf16 peak when known, else a labelled measured matmul). Exits 1 on any
-mismatch or failure. On a machine without CUDA it says so and exits 0.
+against the GPU's spec bf16 peak when known, else a labelled measured matmul). With 2+ GPUs: DDP
+and FSDP2 (torchrun, 2 processes) against one GPU with twice the accumulation, and a DDP run killed
+with SIGKILL and resumed against the same run uninterrupted. Exits 1 on any mismatch or failure. On
+a machine without CUDA it says so and exits 0.
 
     python -m benchmarks.gpu_check --data DATA_DIR [--steps 50] [--micro-batch 64]
 
@@ -15,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -65,6 +70,83 @@ def train_run(data: str, out: Path, steps: int, micro: int, compile_: bool, prec
             "start": next((r for r in read_metrics(out) if r.get("event") == "started"), {})}
 
 
+def _losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run) if r["type"] == "train"}
+
+
+def _descendants(pid: int) -> list[int]:
+    """Child processes of `pid`, recursively, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def distributed_checks(data: str, tmp: Path, steps: int, overrides: list[str], fail: list[str], tolerance: float,
+                       preset: str = "llama-150m", env: dict | None = None) -> None:
+    """DDP and FSDP2 on 2 processes vs 1 process with 2 micro-batches per step, and SIGKILL + resume of
+    the DDP run; every run through `llamaforge train` (torchrun for 2 processes). On CPU (gloo) the
+    same function runs in the tests with a micro model."""
+    env = {**os.environ, **(env or {})}
+    base = [sys.executable, "-m", "llamaforge", "train", "--data", data, "--preset", preset, "--max-steps", str(steps),
+            "--eval-every", "0", "--train.sample_prompt", "The", "--train.optimizer", "adamw",  # FSDP2 refuses Muon
+            *overrides]
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m",
+                "llamaforge", *base[3:]]
+
+    def run(cmd, out, *extra) -> bool:
+        done = subprocess.run([*cmd, "--out", str(out), *extra], capture_output=True, text=True, env=env)
+        if done.returncode != 0:
+            fail.append(f"{out.name} failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+        return done.returncode == 0
+
+    one, ddp, fsdp, killed = (tmp / n for n in ("one-gpu", "ddp", "fsdp2", "ddp-killed"))
+    if not (run(base, one, "--save-every", "0") and run(torchrun, ddp, "--save-every", "0")
+            and run(torchrun, fsdp, "--save-every", "0", "--train.fsdp", "true")):
+        return
+    ref = _losses(one)
+    for name, got in (("DDP", _losses(ddp)), ("FSDP2", _losses(fsdp))):
+        worst = max((abs(ref[s] - got.get(s, float("inf"))) for s in ref), default=float("inf"))
+        print(f"{name} (2 processes) vs 1 process with 2x accumulation: largest per-step loss difference {worst:.2e}")
+        if sorted(got) != sorted(ref) or worst > tolerance:
+            fail.append(f"{name} losses disagree with one process (largest difference {worst:.2e})")
+    save = max(1, steps // 3)
+    proc = subprocess.Popen([*torchrun, "--out", str(killed), "--save-every", str(save)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (killed / "checkpoints" / f"step_{save}").is_dir():
+        time.sleep(0.02)
+    if proc.poll() is not None:
+        fail.append("the DDP run ended before it could be killed; use more --steps")
+        return
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # torchrun and its workers (own sessions), as a node failure would
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+    if not run(torchrun, killed, "--save-every", str(save)):
+        return
+    got, want = _losses(killed), _losses(ddp)
+    worst = max((abs(want[s] - got.get(s, float("inf"))) for s in want), default=float("inf"))
+    resumed = [r for r in read_metrics(killed) if r.get("event") == "resumed"]
+    print(f"DDP killed after step {save} and resumed ({len(resumed)} resume): largest per-step loss difference "
+          f"{worst:.2e} against the uninterrupted run")
+    if not resumed or resumed[0]["checkpoint"] == f"step_{steps}":
+        fail.append("the DDP run was not killed before its end; use more --steps")
+    elif sorted(got) != sorted(want) or worst > tolerance:
+        fail.append(f"DDP kill + resume does not reproduce the uninterrupted run (largest difference {worst:.2e})")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a prepared data folder (default: prepare the offline sample corpus)")
@@ -111,8 +193,12 @@ def main(argv=None) -> int:
             print(f"fp16 + GradScaler vs auto: largest per-step loss difference {worst:.4f}")
             if not h[-1] < h[0] - 1.0 or worst > 0.05 * max(h[0], 1.0):
                 fail.append(f"fp16 with loss scaling does not track the default run (largest difference {worst:.4f})")
-    if torch.cuda.device_count() < 2:
-        print("DDP / FSDP2 against one GPU: skipped (needs 2+ GPUs)")
+        if torch.cuda.device_count() < 2:
+            print("DDP / FSDP2 against one GPU: skipped (needs 2+ GPUs)")
+        else:
+            m = max(1, a.micro_batch // 2)
+            distributed_checks(data, Path(tmp), min(a.steps, 20), ["--train.micro_batch", str(m),
+                               "--batch-tokens", str(2 * m * 256)], fail, tolerance=0.05)
     if a.json:
         with open(a.json, "a") as f:
             f.write(json.dumps({"device": name, "torch": torch.__version__, "failures": fail,

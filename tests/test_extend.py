@@ -64,5 +64,18 @@ def test_extend_cli_fine_tunes_and_writes_the_evidence(tmp_path):
     assert pos["buckets"] == ["0-32", "32-64", "64-96", "96-128"] and pos["trained_len"] == 32
     assert len(pos["loss"]) == 3 and all(len(v) == 4 for v in pos["loss"].values())
     assert pos["gap_beyond_trained"] is not None
+    assert pos["device"] == ("cuda:0" if torch.cuda.is_available() else "cpu") and pos["precision"]
+    # measured from the published final/ (not the training process's copy of the model)
+    from llamaforge.data.prepare import open_split
+    from llamaforge.model.io import load_model
+    from llamaforge.train.precision import choose
+    from llamaforge.workflows.extend import loss_by_position
+
+    tokens = open_split(tmp_path / "d", "val")
+    if pos["measured_on"] != "val":  # this corpus's val split is shorter than a window: the train tail
+        tokens = open_split(tmp_path / "d", "train")[-64 * 128 - 1 :]
+    again = loss_by_position(load_model(tmp_path / "ext" / "final"), tokens, 128,
+                             precision=choose("auto", torch.device("cpu")))
+    assert again == pytest.approx(pos["loss"]["interpolation + fine-tune"], abs=1e-5)
     assert_user_error(run_cli("extend", "--model", tmp_path / "pre", "--data", tmp_path / "d", "--out",
                               tmp_path / "x", "--seq-len", "16"), "not larger")

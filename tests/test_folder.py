@@ -96,8 +96,8 @@ def test_auto_tokenizer_asks_and_prints_nothing(final, tmp_path):
         from transformers import AutoTokenizer
         tok = AutoTokenizer.from_pretrained({str(final)!r})
         assert tok("Hello").input_ids[0] == tok.bos_token_id
-        """, tmp_path)
-    assert done.stdout == "", done.stdout  # no remote-code question, without a terminal either
+        """, tmp_path, env={"TRANSFORMERS_VERBOSITY": "warning"})  # transformers' default level
+    assert done.stdout == "" and done.stderr == "", (done.stdout, done.stderr)  # no question, no warning
 
 
 def test_peft_lora_with_default_targets_trains_a_step_both_ways(final, tmp_path):

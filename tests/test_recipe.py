@@ -122,6 +122,15 @@ def test_wsd_run_continues_past_its_planned_length_exactly_and_the_card_says_so(
     assert "Muon for the blocks' matrices" in card and "warmup-stable-decay" in card
     started = [r for r in read_metrics(straight) if r.get("event") == "started"][0]
     assert "Muon" in started["recipe"] and started["micro_batch"] == 8
+    # the Muon-trained folder is still a stock Llama: transformers' own class gives our logits
+    from transformers import LlamaForCausalLM
+
+    from llamaforge.model.io import load_model
+
+    ids = torch.randint(3, 32000, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        stock = LlamaForCausalLM.from_pretrained(straight / "final").eval()(ids).logits
+        torch.testing.assert_close(load_model(straight / "final")(ids).logits, stock, rtol=0, atol=1e-4)
 
 
 def test_resume_from_a_missing_checkpoint_is_one_line(data, tmp_path):

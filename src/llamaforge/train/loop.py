@@ -25,8 +25,8 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, micro_batch_for, save_config
 from ..errors import UserError, require_extra
-from ..fsutil import atomic_write_bytes
 from ..eval.loss import windowed_loss
+from ..fsutil import atomic_write_bytes
 from ..runs import RunRecord, config_path, describe_recipe, metrics_path, read_metrics, tokenizer_dir
 from . import checkpoint as ckpt
 from .distributed import Dist, compile_blocks, setup, teardown, unwrap, wrap
@@ -198,7 +198,8 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         try:  # weights_only loading: a pickle that would run code is refused, never executed
             ckpt.load_training_state(usable, wrapped, optimizer, sharded)
         except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError) as e:
-            raise UserError(f"{usable.relative_to(run_dir)} has an optimizer or RNG state that cannot be read safely "
+            where = usable.relative_to(run_dir) if usable.is_relative_to(run_dir) else usable
+            raise UserError(f"{where} has an optimizer or RNG state that cannot be read safely "
                             f"({type(e).__name__}); move that checkpoint away to resume from an older one") from None
         scheduler.load_state_dict(state["scheduler"])
         for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):

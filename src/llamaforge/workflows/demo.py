@@ -25,7 +25,7 @@ def steps(out: Path, quick: bool) -> list[list[str]]:
         extend = ["--max-steps", "2", "--eval-every", "2", "--batch-tokens", "2048", "--train.eval_tokens", "2048"]
         tasks: list[str] = []
     else:
-        model, train, extend = [], ["--max-steps", "500"], []
+        model, train, extend = [], ["--max-steps", "320"], []  # Muon + WSD: fewer steps than AdamW needed
         tasks = ["--tasks", "mmlu_offline_100"]
     return [
         ["prepare", "--source", "sample", "--out", str(data)],

@@ -11,13 +11,16 @@ the llamaforge folder and the stock Llama export use the same positions.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from ..config import RunConfig
 from ..data.loader import PretrainBatches, to_pair
@@ -25,10 +28,13 @@ from ..data.prepare import open_split
 from ..errors import UserError
 from ..eval.loss import windowed_loss
 from ..fsutil import atomic_write_bytes
+from ..model.io import load_model
 from ..publish.card import read_records
 from ..runs import RunRecord, positions_path
 from ..tokenizer import load_tokenizer
 from ..train.loop import train
+from ..train.precision import Precision
+from ..train.precision import choose as choose_precision
 from .common import check_vocab, load_model_arg, publish_final, run_directory
 from .pretrain import data_record
 
@@ -58,26 +64,30 @@ def interpolate(model, seq_len: int, factor: float | None = None):
 
 
 def loss_by_position(model, tokens: np.ndarray, seq_len: int, buckets: int = 4, max_windows: int = 64,
-                     batch: int = 4) -> list[float]:
+                     batch: int = 4, device: torch.device | None = None, precision: Precision | None = None) -> list[float]:
     """Mean next-token loss in each of `buckets` equal position ranges of `seq_len`-token windows."""
     n = min(max_windows, (len(tokens) - 1) // seq_len)
     if n <= 0:
         raise UserError(f"validation split has fewer than {seq_len + 1} tokens; prepare more validation data")
     windows = (to_pair(np.stack([tokens[i * seq_len : i * seq_len + seq_len + 1] for i in range(s, min(n, s + batch))]))
                for s in range(0, n, batch))
-    per_pos = windowed_loss(model, windows, per_position=True).by_position / n
+    autocast = precision.autocast if precision is not None else contextlib.nullcontext
+    per_pos = windowed_loss(model.to(device) if device else model, windows, device, per_position=True,
+                            autocast=autocast).by_position / n
     return [float(c.mean()) for c in per_pos.chunk(buckets)]
 
 
-def position_report(base, tuned, tokens: np.ndarray, seq_len: int, factor: float, buckets: int = 4) -> dict:
+def position_report(base, tuned, tokens: np.ndarray, seq_len: int, factor: float, buckets: int = 4,
+                    device: torch.device | None = None, precision: Precision | None = None) -> dict:
     """The three curves of the evidence, and the gap of the fine-tuned one beyond the trained length."""
     trained = base.config.max_position_embeddings
+    on = {"device": device, "precision": precision}
     extrapolate = copy.deepcopy(base)
     extrapolate.config.max_position_embeddings = seq_len  # same rope, positions beyond training
     curves = {
-        "extrapolation (no PI, no fine-tune)": loss_by_position(extrapolate, tokens, seq_len, buckets),
-        "interpolation, no fine-tune": loss_by_position(interpolate(base, seq_len, factor), tokens, seq_len, buckets),
-        "interpolation + fine-tune": loss_by_position(tuned, tokens, seq_len, buckets),
+        "extrapolation (no PI, no fine-tune)": loss_by_position(extrapolate, tokens, seq_len, buckets, **on),
+        "interpolation, no fine-tune": loss_by_position(interpolate(base, seq_len, factor), tokens, seq_len, buckets, **on),
+        "interpolation + fine-tune": loss_by_position(tuned, tokens, seq_len, buckets, **on),
     }
     edges = [round(seq_len * i / buckets) for i in range(buckets + 1)]
     labels = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:])]
@@ -117,12 +127,14 @@ def extend(cfg: RunConfig, model_path: str, data_dir: str | Path, run_dir: str |
         result = train(cfg, model, tokenizer, lambda r, w: PretrainBatches(data_dir, cfg.train, r, w), run_dir, resume,
                        progress, record)
         final = publish_final(Path(run_dir), result, tokenizer, record)
-    if result.main:
-        tuned = result.model.cpu().eval()
+    if result.main:  # once, on the main rank's device, from the published folder (the process group is gone)
+        device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+        precision = choose_precision(cfg.train.precision, device)
+        tuned = load_model(final).eval()
         tokens, split = open_split(data_dir, "val"), "val"
         if len(tokens) <= seq_len:  # tiny corpora: the tail of train, as the loop's validation does
             tokens, split = open_split(data_dir, "train")[-64 * seq_len - 1 :], "train (tail: the val split is too short)"
-        report = position_report(base, tuned, tokens, seq_len, factor)
-        report["measured_on"] = split
+        report = position_report(base, tuned, tokens, seq_len, factor, device=device, precision=precision)
+        report.update(measured_on=split, device=str(device), precision=precision.label())
         atomic_write_bytes(positions_path(Path(run_dir)), (json.dumps(report, indent=2) + "\n").encode())
     return final
