@@ -20,7 +20,7 @@ from llamaforge.runs import checkpoints, read_metrics
 
 TRAIN = ["--preset", "tiny", *micro(positions=64), "--train.seq_len", "32", "--train.micro_batch", "2",
          "--batch-tokens", "128", "--train.eval_tokens", "128", "--train.sample_prompt", "The", "--eval-every", "0",
-         "--train.precision", "fp32"]
+         "--train.precision", "fp32", "--train.optimizer", "adamw", "--train.schedule", "cosine"]
 
 
 def snapshot(root: Path) -> dict[str, str]:

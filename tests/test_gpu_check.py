@@ -13,6 +13,7 @@ from llamaforge.data.prepare import prepare
 from llamaforge.runs import read_metrics
 
 
+@pytest.mark.slow  # ~50 s: DDP and FSDP2 themselves are in test_train.py; this checks the checker
 @pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed")
 def test_distributed_checks_pass_on_gloo(tmp_path):
     write_stories(tmp_path / "c.jsonl", 300)

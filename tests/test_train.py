@@ -20,7 +20,9 @@ from llamaforge.workflows.pretrain import pretrain
 
 MICRO = [*micro(layers=2, positions=64), "--train.seq_len", "32", "--train.micro_batch", "2", "--train.eval_tokens", "512", "--train.warmup_steps", "2",
          "--train.sample_prompt", "The", "--lr", "0.01", "--batch-tokens", "256",
-         "--train.precision", "fp32"]  # exact comparisons across processes: the same kernels on every CPU
+         "--train.precision", "fp32",  # exact comparisons across processes: the same kernels on every CPU
+         "--train.optimizer", "adamw", "--train.schedule", "cosine"]  # the loop's mechanics; Muon + WSD: test_recipe.py
+MUON_WSD = ["--train.optimizer", "muon", "--train.schedule", "wsd"]  # tiny's default recipe
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +108,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(data, tmp_path):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_ddp_two_processes_equal_one_process_with_twice_the_accumulation(data, tmp_path, precision):
     one, two = tmp_path / "one", tmp_path / "two"
-    args = ["--max-steps", 4, "--save-every", 0, "--eval-every", 0, "--train.micro_batch", 2, "--train.precision", precision]
+    args = ["--max-steps", 4, "--save-every", 0, "--eval-every", 0, "--train.micro_batch", 2, "--train.precision", precision,
+            *MUON_WSD]  # Muon under DDP: every rank orthogonalizes the same all-reduced gradients
     subprocess.run(train_cmd(data, one, *args), check=True, capture_output=True)
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "llamaforge"] + train_cmd(data, two, *args)[3:]
