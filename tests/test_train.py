@@ -92,7 +92,7 @@ def test_sigkill_and_resume_give_identical_losses_and_loss_falls(data, tmp_path,
 
 def test_ctrl_c_saves_a_checkpoint_and_exits(data, tmp_path):
     run = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(data, run, "--max-steps", 1000, "--save-every", 0, "--eval-every", 0),
+    proc = subprocess.Popen(train_cmd(data, run, "--max-steps", 100000, "--save-every", 0, "--eval-every", 0),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: 3 in losses(run), proc)
     proc.send_signal(signal.SIGINT)
