@@ -72,3 +72,12 @@ def _bf16_param():
 
 PRECISIONS = ["fp32", _bf16_param()]
 TOLERANCE = {"fp32": 1e-5, "bf16": 2e-2}  # across process counts / compiled kernels; resume is exact in both
+
+
+def stories_data(root, n: int):
+    """ROOT/d: a prepared data folder (5% validation) of `n` stories from write_stories."""
+    from llamaforge.data.prepare import prepare
+
+    write_stories(root / "c.jsonl", n)
+    prepare(str(root / "c.jsonl"), root / "d", val_fraction=0.05, workers=0, progress=False)
+    return root / "d"

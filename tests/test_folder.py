@@ -13,9 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from helpers import run_cli, write_stories
+from helpers import run_cli, stories_data
 from llamaforge.config import load_config
-from llamaforge.data.prepare import prepare
 from llamaforge.model.io import build_model, load_model, save_model
 from llamaforge.runs import checkpoints
 from llamaforge.tokenizer import load_tokenizer
@@ -40,8 +39,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "
 def final(tmp_path_factory):
     """RUN/final of a (3-step) `llamaforge train` run."""
     root = tmp_path_factory.mktemp("folder")
-    write_stories(root / "c.jsonl", 200)
-    prepare(str(root / "c.jsonl"), root / "d", val_fraction=0.05, workers=0, progress=False)
+    stories_data(root, 200)
     pretrain(load_config("tiny", overrides=MICRO), root / "d", root / "run", progress=False)
     return root / "run" / "final"
 

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import write_stories
+from helpers import stories_data
 from llamaforge.config import load_config
-from llamaforge.data.prepare import prepare
 from llamaforge.runs import read_metrics
 from llamaforge.workflows.pretrain import pretrain
 
@@ -28,8 +27,7 @@ OVERRIDES = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hi
 
 
 def test_first_20_losses_match_the_golden_file(tmp_path):
-    write_stories(tmp_path / "c.jsonl", 300)
-    prepare(str(tmp_path / "c.jsonl"), tmp_path / "d", val_fraction=0.05, workers=0, progress=False)
+    stories_data(tmp_path, 300)
     pretrain(load_config("tiny", overrides=OVERRIDES), tmp_path / "d", tmp_path / "run", progress=False)
     losses = [r["loss"] for r in read_metrics(tmp_path / "run") if r["type"] == "train"]
     assert len(losses) == 20

@@ -8,16 +8,14 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu_check import distributed_checks, main
-from helpers import micro, write_stories
-from llamaforge.data.prepare import prepare
+from helpers import micro, stories_data
 from llamaforge.runs import read_metrics
 
 
 @pytest.mark.slow  # ~50 s: DDP and FSDP2 themselves are in test_train.py; this checks the checker
 @pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed")
 def test_distributed_checks_pass_on_gloo(tmp_path):
-    write_stories(tmp_path / "c.jsonl", 300)
-    prepare(str(tmp_path / "c.jsonl"), tmp_path / "d", val_fraction=0.05, workers=0, progress=False)
+    stories_data(tmp_path, 300)
     over = [*micro(layers=2, positions=64), "--train.seq_len", "32", "--train.micro_batch", "2", "--batch-tokens", "128",
             "--train.eval_tokens", "256", "--lr", "0.003", "--train.warmup_steps", "1", "--train.precision", "fp32",
             "--eval-every", "1"]  # an evaluation and a sample every step: slow enough to be killed mid-run

@@ -6,9 +6,8 @@ import copy
 import pytest
 import torch
 
-from helpers import write_stories
+from helpers import stories_data
 from llamaforge.config import load_config, micro_batch_for
-from llamaforge.data.prepare import prepare
 from llamaforge.errors import UserError
 from llamaforge.runs import checkpoints, read_metrics
 from llamaforge.train.loop import check_runnable
@@ -25,8 +24,7 @@ MICRO = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    write_stories(root / "c.jsonl", 400)
-    prepare(str(root / "c.jsonl"), root / "d", val_fraction=0.05, workers=0, progress=False)
+    stories_data(root, 400)
     return root / "d"
 
 

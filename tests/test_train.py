@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PRECISIONS, TOLERANCE, assert_user_error, micro, run_cli, write_stories
-from llamaforge.data.prepare import prepare
+from helpers import PRECISIONS, TOLERANCE, assert_user_error, micro, run_cli, stories_data
 from llamaforge.runs import checkpoints
 from llamaforge.runs import read_metrics
 from llamaforge.train.optim import lr_factor
@@ -28,8 +27,7 @@ MUON_WSD = ["--train.optimizer", "muon", "--train.schedule", "wsd"]  # tiny's de
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    write_stories(root / "c.jsonl", 600)
-    prepare(str(root / "c.jsonl"), root / "d", val_fraction=0.05, workers=0, progress=False)
+    stories_data(root, 600)
     return root / "d"
 
 
