@@ -16,7 +16,7 @@ from .hf.configuration_llamaforge import LlamaForgeConfig
 from .hf.modeling_llamaforge import LlamaForgeForCausalLM
 
 # Earlier llamaforge versions (model_type "llamaforge") named the modules nanoGPT-style; today's names
-# are transformers' Llama names. Regex -> replacement on checkpoint keys (transformers' `key_mapping`).
+# are transformers' Llama names. Regex -> replacement on checkpoint keys (applied by rename_legacy).
 _LEGACY = {
     r"\.attention_norm\.": ".input_layernorm.",
     r"\.ffn_norm\.": ".post_attention_layernorm.",

@@ -23,8 +23,6 @@ from torch.optim.lr_scheduler import LambdaLR
 from ..errors import UserError
 
 OPTIMIZERS = ("adamw", "muon")
-SCHEDULES = ("cosine", "wsd")
-DECAY_SHAPES = ("linear", "1-sqrt")
 
 
 def _adamw(groups, lr, betas, device) -> torch.optim.AdamW:
