@@ -18,6 +18,7 @@ from .config import load_config
 from .data.prepare import prepare
 from .errors import UserError
 from .runs import positions_path
+from .train.preempt import EXIT_STOPPED, Stopped
 from .workflows.demo import report_path as demo_report_path
 from .workflows.demo import steps as demo_steps
 from .workflows.evaluate import evaluate, format_table
@@ -286,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"llamaforge: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Stopped as e:  # a signal or train.time_limit: a checkpoint was saved first
+        print(f"llamaforge: {e}", file=sys.stderr)
+        return EXIT_STOPPED
+    except KeyboardInterrupt:  # outside the training loop (which only sets a flag)
         print("llamaforge: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # disk full, permission, read-only: the machine, not the input or a bug

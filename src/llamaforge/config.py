@@ -7,6 +7,7 @@ hand-written parser lives here. A preset is the name of a YAML file in `configs/
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Optional
@@ -46,6 +47,7 @@ class TrainConfig:
     muon_lr: float = 0.02  # Muon's peak LR (Keller Jordan's "original" scaling)
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
+    muon_ns_dtype: str = "auto"  # Newton-Schulz in: auto (bf16 where the hardware has fast bf16, else fp32) | bf16 | fp32
     schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
     min_lr_ratio: float = 0.1  # the schedule ends at this fraction of the peak LR
     decay_fraction: float = 0.2  # wsd: the last fraction of the steps that decays
@@ -65,6 +67,7 @@ class TrainConfig:
     compile: bool = False
     activation_checkpointing: bool = False
     fsdp: bool = False
+    time_limit: Optional[str] = None  # e.g. 11h30m: stop with a checkpoint before a session's hard limit (exit 75)
     max_bad_steps: int = 5  # NaN/inf steps in a row before aborting
     sample_prompt: str = "The meaning of life is"
     tensorboard: Optional[bool] = None  # None: when installed; true: required (llamaforge[tensorboard]); false: off
@@ -119,7 +122,8 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
 _POSITIVE = ("seq_len", "batch_tokens", "max_steps", "lr", "muon_lr", "eval_tokens", "keep_last", "max_bad_steps")
 _NON_NEGATIVE = ("min_lr_ratio", "warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "eval_every",
                  "save_every")
-_CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"), "schedule": ("cosine", "wsd"),
+_CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
+            "muon_ns_dtype": ("auto", "bf16", "fp32"), "schedule": ("cosine", "wsd"),
             "decay_shape": ("linear", "1-sqrt")}
 MICRO_TOKENS = 8192  # the derived micro-batch holds at most this many tokens (a memory cap)
 
@@ -132,6 +136,26 @@ def micro_batch_for(t: TrainConfig, world: int = 1) -> int:
     per_rank = max(1, t.batch_tokens // (t.seq_len * world))
     cap = max(1, MICRO_TOKENS // t.seq_len)
     return max(m for m in range(1, min(per_rank, cap) + 1) if per_rank % m == 0)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([hms])")
+
+
+def parse_duration(text: str | None) -> float | None:
+    """'11h30m', '90m', '45s', '1.5h' or a number of seconds -> seconds; None stays None."""
+    if text is None:
+        return None
+    s = str(text).strip().replace(" ", "")
+    try:
+        seconds = float(s)
+    except ValueError:
+        parts = _DURATION.findall(s)
+        if not parts or "".join(n + u for n, u in parts) != s:
+            raise UserError(f"train.time_limit {text!r} is not a duration; write it like 11h30m, 90m, 45s or 3600") from None
+        seconds = sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in parts)
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"train.time_limit {text!r} must be a positive, finite duration")
+    return seconds
 
 
 def validate_train(t: TrainConfig) -> None:
@@ -154,6 +178,7 @@ def validate_train(t: TrainConfig) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(t, name) < 1:
             raise UserError(f"train.{name} is {getattr(t, name)}; it must be in [0, 1)")
+    parse_duration(t.time_limit)
 
 
 def validate_model(m: ModelConfig) -> None:

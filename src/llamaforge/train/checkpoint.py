@@ -2,7 +2,10 @@
 
 RUN_DIR/checkpoints/step_N/
   model.safetensors   weights (tied tensors stored once)
-  optimizer.pt        optimizer state: tensors and numbers only, read with torch.load(weights_only=True)
+  optimizer.pt        optimizer state: tensors and numbers only, read with torch.load(weights_only=True);
+                      torch's layout (keyed by parameter index), or under FSDP2 keyed by parameter name
+                      (torch.distributed.checkpoint's full state dict, marked by a file FSDP). Either
+                      resumes under one process, DDP or FSDP2 with any process count: converted on load.
   rng.pt              torch CPU (and CUDA) RNG states, read the same way
   state.json          step, scheduler, loader state, trainer counters, model config
 
@@ -28,6 +31,8 @@ from ..fsutil import atomic_folder
 from ..model.convert import rename_legacy
 from ..model.hf import LlamaForgeConfig, LlamaForgeForCausalLM
 from ..runs import STATE, checkpoint_dir, checkpoints, checkpoints_dir, read_state
+from .distributed import unwrap
+from .optim import MuonWithAdamW
 
 log = logging.getLogger(__name__)
 
@@ -140,20 +145,61 @@ def model_from_checkpoint(path: Path) -> LlamaForgeForCausalLM:
     return model.eval()
 
 
+class OptimizerMismatch(ValueError):
+    """A good checkpoint whose optimizer state belongs to another optimizer setting."""
+
+
+def param_names(model, optimizer) -> list[str]:
+    """The parameter names in the optimizer's order (the order of torch's integer keys)."""
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def by_name(optim: dict, names: list[str]) -> dict:
+    """torch's index-keyed optimizer state -> torch.distributed.checkpoint's name-keyed one."""
+    ids = [i for g in optim["param_groups"] for i in g["params"]]
+    if len(ids) != len(names):
+        raise OptimizerMismatch(f"the optimizer state holds {len(ids)} parameters, the model {len(names)}")
+    name = dict(zip(ids, names))
+    return {"state": {name[i]: v for i, v in optim["state"].items()},
+            "param_groups": [dict(g, params=[name[i] for i in g["params"]]) for g in optim["param_groups"]]}
+
+
+def by_index(optim: dict, names: list[str]) -> dict:
+    """The name-keyed optimizer state -> torch's index-keyed one, in this optimizer's order."""
+    index = {n: i for i, n in enumerate(names)}
+    saved = [n for g in optim["param_groups"] for n in g["params"]]
+    if sorted(saved) != sorted(names):
+        raise OptimizerMismatch("the optimizer state's parameters are not this model's")
+    return {"state": {index[n]: v for n, v in optim["state"].items()},
+            "param_groups": [dict(g, params=[index[n] for n in g["params"]]) for g in optim["param_groups"]]}
+
+
+def _name_keyed(optim: dict) -> bool:
+    return any(isinstance(n, str) for g in optim.get("param_groups", []) for n in g["params"])
+
+
 def load_training_state(path: Path, model, optimizer, sharded: bool = False) -> None:
-    """Restore optimizer and RNG states (FSDP2: the name-keyed full optimizer state, re-sharded)."""
+    """Restore optimizer and RNG states, whatever wrapper and process count wrote them: the
+    optimizer state is converted between torch's index keys and FSDP2's parameter names."""
     path = Path(path)
     # on the CPU first: a checkpoint written on GPU loads on a CPU-only machine, and every rank reads it
     # without landing on GPU 0; load_state_dict then moves each state to its parameter's device
     optim = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-    if sharded:
+    saved_muon, muon = set(optim) == {"muon", "adamw"}, isinstance(optimizer, MuonWithAdamW)
+    if saved_muon != muon:
+        kinds = {True: "muon", False: "adamw"}
+        raise OptimizerMismatch(f"{path.name} was trained with train.optimizer {kinds[saved_muon]}, this run asks for "
+                                f"{kinds[muon]}")
+    if muon:  # never sharded (Muon needs whole matrices): torch's own layout
+        optimizer.load_state_dict(optim)
+    elif sharded:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        set_optimizer_state_dict(model, optimizer, optim, options=StateDictOptions(full_state_dict=True))
-    elif (path / "FSDP").exists():
-        raise ValueError(f"{path} was written by an FSDP run; resume it with --train.fsdp true under torchrun")
+        named = optim if _name_keyed(optim) else by_name(optim, param_names(model, optimizer))
+        set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
     else:
-        optimizer.load_state_dict(optim)
+        optimizer.load_state_dict(by_index(optim, param_names(model, optimizer)) if _name_keyed(optim) else optim)
     rng = torch.load(path / "rng.pt", weights_only=True, map_location="cpu")
     torch.set_rng_state(rng["cpu"])
     if "cuda" in rng and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():

@@ -30,9 +30,10 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce(self, t: torch.Tensor) -> None:
+    def all_reduce(self, t: torch.Tensor, max_op: bool = False) -> None:
+        """Sum (or the largest value) over ranks, in place."""
         if self.world > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX if max_op else dist.ReduceOp.SUM)
 
     def barrier(self) -> None:
         if self.world > 1:

@@ -1,10 +1,13 @@
-"""The training loop shared by `train`, `extend` and `sft`.
+"""The training loop shared by `train`, `extend` and `sft`, as a Trainer of named steps.
 
 Every step: one batch of `batch_tokens` tokens (all ranks, all micro-batches) -> train_step ->
 scheduler -> metrics. Every `eval_every` steps: validation loss, bits per byte and a sample from a
-fixed prompt. Every `save_every` steps, on Ctrl-C/SIGTERM and at the end: an atomic checkpoint.
-A run directory holding a checkpoint is resumed from it (exactly: same next batch, same RNG, same
-optimizer and scheduler state). The loop only trains: publishing RUN_DIR/final is the workflows' job.
+fixed prompt. Every `save_every` steps and at the end: an atomic checkpoint. Between steps the ranks
+agree whether to stop (a SIGTERM/SIGINT/SIGUSR1, or `train.time_limit` about to run out: preempt.py);
+then one checkpoint is saved and `Stopped` raised. A run directory holding a checkpoint is resumed
+from it (exactly: same next batch, same RNG, same optimizer and scheduler state), under any process
+count and wrapper (checkpoint.py converts the optimizer state). The loop only trains: publishing
+RUN_DIR/final is the workflows' job.
 """
 
 from __future__ import annotations
@@ -14,7 +17,6 @@ import json
 import logging
 import math
 import pickle
-import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
-from ..config import RunConfig, micro_batch_for, save_config
+from ..config import RunConfig, micro_batch_for, parse_duration, save_config
 from ..errors import UserError, require_extra
 from ..eval.loss import windowed_loss
 from ..fsutil import atomic_write_bytes
@@ -32,8 +34,9 @@ from . import checkpoint as ckpt
 from .distributed import Dist, compile_blocks, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, train_flops_per_token
 from .optim import build_optimizer, build_scheduler, decay_start
+from .preempt import SIGNALS, StopFlag, Stopped
 from .precision import choose as choose_precision
-from .step import train_step
+from .step import StepStats, train_step
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +96,10 @@ def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
                         f"= {micro} x {t.seq_len} x {world} = {per_micro}; {fix}")
     if t.optimizer == "muon" and t.fsdp and world > 1:
         raise UserError("train.optimizer muon with train.fsdp: Muon needs whole matrices and FSDP2 shards them; "
-                        "use DDP (--train.fsdp false) with Muon, or --train.optimizer adamw with FSDP")
+                        "run (or resume) it under DDP (--train.fsdp false), or start with --train.optimizer adamw for FSDP")
     if t.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise UserError(f"train.optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}")
+        raise UserError(f"train.optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
+                        "pip install 'torch>=2.9' (README: Install on a GPU), or --train.optimizer adamw")
     if t.max_steps <= 0 or t.lr <= 0:
         raise UserError("max_steps and lr must be positive")
     if t.wandb:
@@ -111,34 +115,9 @@ def copy_metrics(source_run: Path, run_dir: Path, step: int) -> None:
         atomic_write_bytes(metrics_path(run_dir), "".join(kept).encode())
 
 
-def _install_sigterm():
-    def handler(signum, frame):
-        raise KeyboardInterrupt
-
-    try:
-        return signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        return None
-
-
-def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path, resume: bool | None = None,
-          progress: bool = True, record: RunRecord | None = None) -> TrainResult:
-    """Train `model` (its weights are replaced by the latest checkpoint when resuming).
-
-    `batches_factory(rank, world)` returns the Batches; `resume`: None = when a checkpoint exists,
-    True = require one, False = refuse a run directory that has one. `record` (what the run is
-    trained from) is kept in every checkpoint. Publishing the result is the caller's job."""
-    d = setup()
-    try:
-        return _train(cfg, model, tokenizer, batches_factory, Path(run_dir), resume, progress, d, record or RunRecord())
-    finally:
-        teardown()
-
-
-def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progress, d: Dist,
-           record: RunRecord) -> TrainResult:
-    t = cfg.train
-    check_runnable(cfg, model.config, d.world)
+def choose_checkpoint(t, run_dir: Path, d: Dist, resume: bool | None) -> tuple[Path | None, Path | None, list]:
+    """(the checkpoint to resume from, the other run's checkpoint when continuing one, the damaged
+    newer ones with the reason). Rank 0 decides; every rank must see that very checkpoint."""
     found = ckpt.checkpoints(run_dir)
     usable, rejected = ckpt.newest_valid(found)
     continued = None
@@ -148,7 +127,7 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         if why:
             raise UserError(f"train.resume_from {continued}: {why}; give a run's checkpoints/step_N folder")
         usable = continued
-    if d.world > 1:  # rank 0 decides; every rank must then see that very checkpoint
+    if d.world > 1:
         chosen = d.broadcast(usable.name if usable else None)
         if chosen is not None and (usable is None or usable.name != chosen):
             raise UserError(f"rank {d.rank} cannot read checkpoint {chosen} in {run_dir}, which rank 0 resumes from; "
@@ -164,166 +143,263 @@ def _train(cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progre
         raise UserError(f"--resume: {run_dir} has no checkpoint; drop --resume to start a new run")
     if resume is False and found:
         raise UserError(f"{run_dir} already holds checkpoints; resume it (default) or pass another --out")
-    batches = batches_factory(d.rank, d.world)
-    torch.manual_seed(t.seed)
-    device = d.device
-    model.to(device).train()
-    if t.activation_checkpointing:
-        model.model.gradient_checkpointing = True
-    step, tokens_seen = 0, 0
-    try:  # before wrapping: plain tensors
-        state = ckpt.load_weights(usable, model) if usable else None
-    except ValueError as e:
-        raise UserError(f"{e}; resume with the model settings the run was started with, or pass another --out") from None
-    if d.main:  # written only once the configuration and the checkpoint have been checked
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.clean_partial(run_dir)
-        save_config(cfg, config_path(run_dir))
-        if not tokenizer_dir(run_dir).exists():
-            tokenizer.save_pretrained(tokenizer_dir(run_dir))  # checkpoints load with it (runs.resolve_model)
-    precision = choose_precision(t.precision, device)
-    if t.compile:  # each block, before DDP/FSDP wraps the model
-        compile_blocks(model)
-    wrapped = wrap(model, d, t.fsdp, precision.dtype if precision.name == "bf16" else None)
-    # FSDP2 replaces parameters: the optimizer is built after wrapping
-    optimizer = build_optimizer(wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), device, t.optimizer, t.muon_lr,
-                                t.muon_momentum, t.muon_weight_decay)
-    scheduler = build_scheduler(optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule, t.decay_fraction,
-                                t.decay_shape)
-    micro_batch = micro_batch_for(t, d.world)
-    stable_end = decay_start(t.max_steps, t.schedule, t.decay_fraction)
-    sharded = t.fsdp and d.world > 1
-    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
-    if state is not None:
+    return usable, continued, rejected
+
+
+def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path, resume: bool | None = None,
+          progress: bool = True, record: RunRecord | None = None) -> TrainResult:
+    """Train `model` (its weights are replaced by the latest checkpoint when resuming).
+
+    `batches_factory(rank, world)` returns the Batches; `resume`: None = when a checkpoint exists,
+    True = require one, False = refuse a run directory that has one. `record` (what the run is
+    trained from) is kept in every checkpoint. Raises `Stopped` after the checkpoint of a run
+    stopped early (signal, time limit). Publishing the result is the caller's job."""
+    d = setup()
+    try:
+        with StopFlag(parse_duration(cfg.train.time_limit)) as flag:
+            trainer = Trainer(cfg, model, tokenizer, batches_factory, Path(run_dir), resume, progress, d,
+                              record or RunRecord(), flag)
+            return trainer.run()
+    finally:
+        teardown()
+
+
+class Trainer:
+    """One run: checks and set-up in __init__ (refusals before anything is written), then `run`."""
+
+    def __init__(self, cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progress, d: Dist,
+                 record: RunRecord, flag: StopFlag):
+        self.cfg, self.t, self.tokenizer, self.run_dir, self.d, self.record, self.flag = \
+            cfg, cfg.train, tokenizer, run_dir, d, record, flag
+        self.model, self.progress = model, progress
+        check_runnable(cfg, model.config, d.world)
+        usable, continued, rejected = choose_checkpoint(self.t, run_dir, d, resume)
+        self.batches = batches_factory(d.rank, d.world)
+        self.step, self.tokens_seen, self.bad_streak = 0, 0, 0
+        self.slowest_step_s, self.slowest_save_s = 0.0, 0.0
+        state = self.load_weights(usable)
+        if d.main:  # written only once the configuration and the checkpoint have been checked
+            self.write_run_dir()
+        self.build()
+        if state is not None:
+            self.restore(usable, state)
+        self.open_metrics(usable, continued, rejected)
+
+    # -- set-up -------------------------------------------------------------------------------
+    def load_weights(self, usable: Path | None) -> dict | None:
+        """The checkpoint's weights into the plain model (before wrapping); its state.json."""
+        torch.manual_seed(self.t.seed)
+        self.model.to(self.d.device).train()
+        if self.t.activation_checkpointing:
+            self.model.model.gradient_checkpointing = True
+        try:
+            return ckpt.load_weights(usable, self.model) if usable else None
+        except ValueError as e:
+            raise UserError(f"{e}; resume with the model settings the run was started with, or pass another --out") from None
+
+    def write_run_dir(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.clean_partial(self.run_dir)
+        save_config(self.cfg, config_path(self.run_dir))
+        if not tokenizer_dir(self.run_dir).exists():
+            self.tokenizer.save_pretrained(tokenizer_dir(self.run_dir))  # checkpoints load with it (runs.resolve_model)
+
+    def build(self) -> None:
+        """Precision, compiled blocks, the DDP/FSDP2 wrapper, then optimizer, schedule and scaler."""
+        t, d = self.t, self.d
+        self.precision = choose_precision(t.precision, d.device)
+        if t.compile:  # each block, before DDP/FSDP wraps the model
+            compile_blocks(self.model)
+        self.sharded = t.fsdp and d.world > 1
+        self.wrapped = wrap(self.model, d, t.fsdp, self.precision.dtype if self.precision.name == "bf16" else None)
+        self.eval_model = unwrap(self.wrapped)
+        # FSDP2 replaces parameters: the optimizer is built after wrapping
+        self.optimizer = build_optimizer(self.wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), d.device, t.optimizer,
+                                         t.muon_lr, t.muon_momentum, t.muon_weight_decay, t.muon_ns_dtype)
+        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule,
+                                         t.decay_fraction, t.decay_shape)
+        self.scaler = torch.amp.GradScaler(d.device.type) if self.precision.needs_scaler else None
+        self.micro_batch = micro_batch_for(t, d.world)
+        self.stable_end = decay_start(t.max_steps, t.schedule, t.decay_fraction)
+
+    def restore(self, usable: Path, state: dict) -> None:
+        """Optimizer, RNG, schedule, scaler and loader position of checkpoint `usable`."""
         try:  # weights_only loading: a pickle that would run code is refused, never executed
-            ckpt.load_training_state(usable, wrapped, optimizer, sharded)
+            ckpt.load_training_state(usable, self.wrapped, self.optimizer, self.sharded)
+        except ckpt.OptimizerMismatch as e:
+            raise UserError(f"{e}; resume with the settings the run was started with (its config.yaml), "
+                            "or pass another --out") from None
         except (pickle.UnpicklingError, RuntimeError, ValueError, KeyError) as e:
-            where = usable.relative_to(run_dir) if usable.is_relative_to(run_dir) else usable
+            where = usable.relative_to(self.run_dir) if usable.is_relative_to(self.run_dir) else usable
             raise UserError(f"{where} has an optimizer or RNG state that cannot be read safely "
                             f"({type(e).__name__}); move that checkpoint away to resume from an older one") from None
-        scheduler.load_state_dict(state["scheduler"])
-        for group, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-            group["lr"] = base * fn(scheduler.last_epoch)  # this run's schedule (a longer run: not the saved LR)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        batches.load_state_dict(state["loader"])
-        step, tokens_seen = state["step"], state["tokens_seen"]
-    if step == 0 and d.main:
-        metrics_path(run_dir).unlink(missing_ok=True)
-    if continued is not None and d.main and not metrics_path(run_dir).exists():
-        copy_metrics(continued.parent.parent, run_dir, step)  # the curves start where the source run began
-    metrics = MetricsLogger(run_dir, enabled=d.main, wandb_project=t.wandb_project if t.wandb else None,
-                            tensorboard=t.tensorboard is not False,
-                            config=asdict(cfg), truncate_after_step=step)
-    peak, peak_source = peak_flops(device, precision.dtype)
-    metrics.log("event", step, event="started", device=device_name(device), world=d.world,
-                precision=precision.label(), precision_reason=precision.reason, fsdp=sharded, micro_batch=micro_batch,
-                recipe=describe_recipe(asdict(t)),
-                mfu_peak_tflops=round(peak / 1e12, 2), mfu_peak_source=peak_source)
-    log.info("precision: %s (%s)", precision.label(), precision.reason)
-    for path, why in rejected:
-        metrics.log("event", step, event="checkpoint_invalid", checkpoint=path.name, reason=why)
-    if usable:
-        metrics.log("event", step, event="resumed", checkpoint=usable.name)
-    eval_model = unwrap(wrapped)
-    flops_per_token = train_flops_per_token(model.config, t.seq_len)
+        sched = self.scheduler
+        sched.load_state_dict(state["scheduler"])
+        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            group["lr"] = base * fn(sched.last_epoch)  # this run's schedule (a longer run: not the saved LR)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["loader"])
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
 
-    def state() -> dict:
-        out = {"scheduler": scheduler.state_dict(), "loader": batches.state_dict(), "tokens_seen": tokens_seen,
-               "model_config": model.config.to_dict(), "records": record.to_dict(), "precision": precision.name}
-        if scaler is not None:
-            out["scaler"] = scaler.state_dict()
+    def open_metrics(self, usable: Path | None, continued: Path | None, rejected: list) -> None:
+        d, t, run_dir = self.d, self.t, self.run_dir
+        if self.step == 0 and d.main:
+            metrics_path(run_dir).unlink(missing_ok=True)
+        if continued is not None and d.main and not metrics_path(run_dir).exists():
+            copy_metrics(continued.parent.parent, run_dir, self.step)  # the curves start where the source run began
+        self.metrics = MetricsLogger(run_dir, enabled=d.main, wandb_project=t.wandb_project if t.wandb else None,
+                                     tensorboard=t.tensorboard is not False, config=asdict(self.cfg),
+                                     truncate_after_step=self.step)
+        self.peak, peak_source = peak_flops(d.device, self.precision.dtype)
+        p = self.precision
+        self.metrics.log("event", self.step, event="started", device=device_name(d.device), world=d.world,
+                         precision=p.label(), precision_reason=p.reason, fsdp=self.sharded, micro_batch=self.micro_batch,
+                         recipe=describe_recipe(asdict(t)), mfu_peak_tflops=round(self.peak / 1e12, 2),
+                         mfu_peak_source=peak_source)
+        log.info("precision: %s (%s)", p.label(), p.reason)
+        for path, why in rejected:
+            self.metrics.log("event", self.step, event="checkpoint_invalid", checkpoint=path.name, reason=why)
+        if usable:
+            self.metrics.log("event", self.step, event="resumed", checkpoint=usable.name)
+        self.flops_per_token = train_flops_per_token(self.model.config, t.seq_len)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        t, d = self.t, self.d
+        bar = tqdm(total=t.max_steps, initial=self.step, desc=f"train ({self.precision.name})", unit="step",
+                   disable=None if self.progress and d.main else True)
+        stopped = None
+        try:
+            while self.step < t.max_steps:
+                stopped = self.stop_reason()
+                if stopped:
+                    break
+                start = time.perf_counter()
+                self.train_one_step(bar)
+                if self.step == self.stable_end and self.step < t.max_steps:  # WSD: what a longer run continues from
+                    self.save("decay_start")
+                elif t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
+                    self.save("interval")
+                self.slowest_step_s = max(self.slowest_step_s, time.perf_counter() - start)
+        finally:
+            bar.close()
+        return self.finish(stopped)
+
+    def stop_reason(self) -> str | None:
+        """Whether to stop before the next step, agreed by every rank (one small all-reduce)."""
+        mine = self.flag.reason(2 * self.slowest_step_s, 2 * self.slowest_save_s)
+        if self.d.world == 1:
+            return mine
+        codes = [None, *SIGNALS, "time limit"]  # the largest code wins
+        code = torch.tensor([codes.index(mine) if mine in codes else 0], device=self.d.device)
+        self.d.all_reduce(code, max_op=True)
+        return codes[int(code)]
+
+    def train_one_step(self, bar) -> None:
+        t = self.t
+        start = time.perf_counter()  # the batch's loading counts (a slow filesystem shows in tokens/s)
+        batch = self.batches.next_batch()
+        if self.d.device.type == "cuda":  # pinned once, so each micro-batch's copy is asynchronous
+            batch = (batch[0].contiguous().pin_memory(), batch[1].contiguous().pin_memory())
+        stats = train_step(self.wrapped, self.optimizer, split_micro(batch, self.micro_batch), t.grad_clip,
+                           self.d.device, self.d.all_reduce if self.d.world > 1 else None, self.d.world,
+                           self.precision, self.scaler)
+        lrs = {"lr": self.optimizer.param_groups[-1]["lr"]}  # the LR this step used (AdamW's; Muon's apart)
+        if t.optimizer == "muon":
+            lrs["muon_lr"] = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        seconds = time.perf_counter() - start
+        if stats.skipped:
+            self.skipped(stats)
+            return
+        self.bad_streak = 0
+        self.tokens_seen += stats.tokens
+        tps = stats.tokens / seconds
+        self.metrics.log("train", self.step, loss=stats.loss, **lrs, grad_norm=stats.grad_norm, tokens=stats.tokens,
+                         tokens_seen=self.tokens_seen, tokens_per_s=tps, step_s=seconds,
+                         mfu=self.flops_per_token * tps / self.d.world / self.peak,
+                         peak_mem_gb=peak_memory_gb(self.d.device))
+        bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lrs['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
+        bar.update()
+        if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
+            self.evaluate()
+
+    def skipped(self, stats: StepStats) -> None:
+        self.bad_streak += 1
+        log.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", self.step, self.bad_streak)
+        self.metrics.log("event", self.step, event="skipped_step", loss=stats.loss, grad_norm=stats.grad_norm)
+        if self.bad_streak >= self.t.max_bad_steps:
+            raise UserError(f"loss or gradient was not finite for {self.bad_streak} steps in a row (step {self.step}); "
+                            "lower --lr, raise warmup_steps or check the data")
+
+    def evaluate(self) -> None:
+        """Validation loss and bits per byte (windows split over DDP ranks), and the sample."""
+        d, sharded = self.d, self.sharded
+        eval_batches = self.batches.eval_batches()
+        if d.world > 1 and not sharded:  # each rank scores its share of the windows; FSDP needs every rank
+            eval_batches = itertools.islice(eval_batches, d.rank, None, d.world)  # in every forward
+        s = windowed_loss(self.eval_model, eval_batches, d.device, autocast=self.precision.autocast)
+        sums = torch.tensor([s.total, float(s.count)], dtype=torch.float64, device=d.device)
+        if d.world > 1 and not sharded:
+            d.all_reduce(sums)
+        loss, n = float(sums[0] / max(sums[1], 1)), int(sums[1])
+        values = {"val_loss": loss, "val_tokens": n}
+        if self.batches.bytes_per_token:
+            values["val_bpb"] = loss / math.log(2) / self.batches.bytes_per_token
+        self.metrics.log("eval", self.step, **values)
+        if self.t.sample_prompt:
+            text = sample_text(self.eval_model, self.tokenizer, self.t.sample_prompt, d.device)
+            self.metrics.log("sample", self.step, prompt=self.t.sample_prompt, text=text)
+
+    def state_dict(self) -> dict:
+        """state.json's content (checkpoint.py adds the step)."""
+        out = {"scheduler": self.scheduler.state_dict(), "loader": self.batches.state_dict(),
+               "tokens_seen": self.tokens_seen, "model_config": self.model.config.to_dict(),
+               "records": self.record.to_dict(), "precision": self.precision.name, "optimizer": self.t.optimizer,
+               "world": self.d.world, "fsdp": self.sharded}
+        if self.scaler is not None:
+            out["scaler"] = self.scaler.state_dict()
         return out
 
-    def save(tag: str) -> None:
-        full = ckpt.gather_full_state(wrapped, optimizer) if sharded else None  # a collective: every rank
-        if not d.main:
-            return
+    def save(self, tag: str) -> None:
+        """An atomic checkpoint of this step (FSDP: gathered on every rank, written by the main one)."""
+        start = time.perf_counter()
+        full = ckpt.gather_full_state(self.wrapped, self.optimizer) if self.sharded else None  # a collective
+        if self.d.main:
+            self.write_checkpoint(tag, full)
+        self.slowest_save_s = max(self.slowest_save_s, time.perf_counter() - start)
+
+    def write_checkpoint(self, tag: str, full) -> None:
+        run_dir, step = self.run_dir, self.step
         try:
-            path = ckpt.save_checkpoint(run_dir, step, model, optimizer, state(), keep=t.keep_last, full=full,
-                                        pin=tag == "decay_start")
-            metrics.log("event", step, event="checkpoint", path=str(path.relative_to(run_dir)), reason=tag)
+            path = ckpt.save_checkpoint(run_dir, step, self.model, self.optimizer, self.state_dict(),
+                                        keep=self.t.keep_last, full=full, pin=tag == "decay_start")
+            self.metrics.log("event", step, event="checkpoint", path=str(path.relative_to(run_dir)), reason=tag)
         except Exception as e:  # noqa: BLE001 - disk full, read-only, permission, safetensors' own errors
-            metrics.log("event", step, event="checkpoint_failed", error=f"{type(e).__name__}: {e}")
+            self.metrics.log("event", step, event="checkpoint_failed", error=f"{type(e).__name__}: {e}")
             previous = ckpt.checkpoints(run_dir)
             kept = f"{previous[-1].relative_to(run_dir)} is intact" if previous else "no earlier checkpoint exists"
             raise UserError(f"the checkpoint of step {step} could not be written ({str(e).splitlines()[0][:160]}); "
                             f"{kept}: free disk space or fix the permissions, then run the same command "
                             "to resume") from None
 
-    def evaluate() -> None:
-        eval_batches = batches.eval_batches()
-        if d.world > 1 and not sharded:  # each rank scores its share of the windows; FSDP needs every rank
-            eval_batches = itertools.islice(eval_batches, d.rank, None, d.world)  # in every forward
-        s = windowed_loss(eval_model, eval_batches, device, autocast=precision.autocast)
-        sums = torch.tensor([s.total, float(s.count)], dtype=torch.float64, device=device)
-        if d.world > 1 and not sharded:
-            d.all_reduce(sums)
-        loss, n = float(sums[0] / max(sums[1], 1)), int(sums[1])
-        values = {"val_loss": loss, "val_tokens": n}
-        if batches.bytes_per_token:
-            values["val_bpb"] = loss / math.log(2) / batches.bytes_per_token
-        metrics.log("eval", step, **values)
-        if t.sample_prompt:
-            metrics.log("sample", step, prompt=t.sample_prompt, text=sample_text(eval_model, tokenizer, t.sample_prompt, device))
+    def finish(self, stopped: str | None) -> TrainResult:
+        """The last checkpoint; then `Stopped` (stopped early), or the model (FSDP: an unsharded copy)."""
+        self.save(stopped or "end")
+        full = ckpt.gather_full_state(self.wrapped, self.optimizer) if self.sharded and not stopped else None
+        if stopped:
+            self.metrics.log("event", self.step, event="stopped", reason=stopped)
+        self.metrics.close()
+        self.d.barrier()
+        if stopped:  # the CLI says it in one line, exit 75
+            raise Stopped(self.step, stopped)
+        model = self.model
+        if full is not None:  # FSDP: hand back an unsharded copy, on the main rank
+            model = None
+            if self.d.main:
+                model = type(self.eval_model)(self.eval_model.config)
+                model.load_state_dict(full[0])
+        return TrainResult(model, self.d.main, self.step)
 
-    old_handler = _install_sigterm()
-    bar = tqdm(total=t.max_steps, initial=step, desc=f"train ({precision.name})", unit="step", disable=None if progress and d.main else True)
-    bad_streak, interrupted = 0, False
-    try:
-        while step < t.max_steps:
-            batch = batches.next_batch()
-            if device.type == "cuda":  # pinned once, so each micro-batch's copy is asynchronous
-                batch = (batch[0].pin_memory(), batch[1].pin_memory())
-            micro = split_micro(batch, micro_batch)
-            start = time.perf_counter()
-            stats = train_step(wrapped, optimizer, micro, t.grad_clip, device, d.all_reduce if d.world > 1 else None,
-                               d.world, precision, scaler)
-            lrs = {"lr": optimizer.param_groups[-1]["lr"]}  # the LR this step used (AdamW's; Muon's apart)
-            if t.optimizer == "muon":
-                lrs["muon_lr"] = optimizer.param_groups[0]["lr"]
-            scheduler.step()
-            step += 1
-            seconds = time.perf_counter() - start
-            if stats.skipped:
-                bad_streak += 1
-                log.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", step, bad_streak)
-                metrics.log("event", step, event="skipped_step", loss=stats.loss, grad_norm=stats.grad_norm)
-                if bad_streak >= t.max_bad_steps:
-                    raise UserError(f"loss or gradient was not finite for {bad_streak} steps in a row (step {step}); "
-                                    "lower --lr, raise warmup_steps or check the data")
-                continue
-            bad_streak = 0
-            tokens_seen += stats.tokens
-            tps = stats.tokens / seconds
-            metrics.log("train", step, loss=stats.loss, **lrs, grad_norm=stats.grad_norm, tokens=stats.tokens,
-                        tokens_seen=tokens_seen, tokens_per_s=tps, step_s=seconds,
-                        mfu=flops_per_token * tps / d.world / peak, peak_mem_gb=peak_memory_gb(device))
-            bar.set_postfix(loss=f"{stats.loss:.3f}", lr=f"{lrs['lr']:.2e}", tok_s=f"{tps:,.0f}", refresh=False)
-            bar.update()
-            if t.eval_every and (step % t.eval_every == 0 or step == t.max_steps):
-                evaluate()
-            if step == stable_end and step < t.max_steps:  # WSD: the checkpoint a longer run continues from
-                save("decay_start")
-            elif t.save_every and step % t.save_every == 0 and step < t.max_steps:
-                save("interval")
-    except KeyboardInterrupt:
-        interrupted = True
-        log.warning("interrupted at step %d: saving a checkpoint", step)
-    finally:
-        bar.close()
-        if old_handler is not None:
-            signal.signal(signal.SIGTERM, old_handler)
-    save("interrupt" if interrupted else "end")
-    full = ckpt.gather_full_state(wrapped, optimizer) if sharded and not interrupted else None  # a collective
-    metrics.close()
-    d.barrier()
-    if interrupted:
-        log.warning("checkpoint saved at step %d; run the same command again to resume", step)
-        raise KeyboardInterrupt
-    if full is not None:  # FSDP: hand back an unsharded copy, on the main rank
-        model = None
-        if d.main:
-            model = type(eval_model)(eval_model.config)
-            model.load_state_dict(full[0])
-    return TrainResult(model, d.main, step)

@@ -6,7 +6,11 @@ hidden weight matrix's momentum with a few Newton-Schulz iterations: every direc
 moves at the same rate. It is meant for the 2-D matrices inside the blocks (attention and MLP
 projections); embeddings, the output head, norms and biases stay with AdamW. We use PyTorch's own
 `torch.optim.Muon` (torch >= 2.9) with Keller's "original" LR scaling, where the reference learning
-rate is ~0.02 (torch's default 1e-3 would make steps ~20x too small).
+rate is ~0.02 (torch's default 1e-3 would make steps ~20x too small). torch's Muon runs Newton-Schulz
+in bf16 whatever the hardware; on a CPU without AVX512-BF16/AMX (or a GPU before compute capability
+8.0) bf16 is emulated, ~100x slower than fp32, and a Muon step cost 28x an AdamW step. `Muon` below is
+torch's class (its parameter groups, momentum buffers, state dict, LR adjustment) with one change: the
+Newton-Schulz iteration runs in `ns_dtype`, the dtype this hardware is fast in (`muon_ns_dtype`).
 
 WSD (Hägele et al. 2024): linear warmup, a constant LR, then a decay to `min_lr_ratio` over the last
 `decay_fraction` of the steps. Because the LR is flat until the decay, a run can be continued past its
@@ -21,8 +25,74 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import UserError
+from .precision import cpu_flags, decide
 
 OPTIMIZERS = ("adamw", "muon")
+NS_DTYPES = ("auto", "bf16", "fp32")
+
+
+def ns_dtype_for(device: torch.device, requested: str = "auto") -> torch.dtype:
+    """Newton-Schulz's dtype: bf16 where `train.precision: auto` would pick bf16 on this hardware
+    (AMX/AVX512-BF16 CPUs, CUDA compute capability >= 8.0), fp32 elsewhere (bf16 is emulated there)."""
+    if requested not in NS_DTYPES:
+        raise UserError(f"train.muon_ns_dtype {requested!r} is not one of {', '.join(NS_DTYPES)}")
+    if requested != "auto":
+        return torch.bfloat16 if requested == "bf16" else torch.float32
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    auto = decide("auto", device.type, cpu_flags() if device.type == "cpu" else set(), capability)
+    return torch.bfloat16 if auto.name == "bf16" else torch.float32
+
+
+def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """The quintic Newton-Schulz orthogonalization of torch.optim.Muon (Keller Jordan's), in `dtype`:
+    with bf16 it is torch's computation operation for operation (tests/test_recipe.py checks it)."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T  # (m, n) with m <= n: the Gram matrix x @ x.T is the small one
+    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.T  # (m, m)
+        update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        x = torch.addmm(x, update, x, beta=a)
+    return x.T if tall else x
+
+
+_TorchMuon = getattr(torch.optim, "Muon", torch.optim.Optimizer)  # torch < 2.9 has none: loop.check_runnable refuses
+
+
+class Muon(_TorchMuon):
+    """torch.optim.Muon with Newton-Schulz in `ns_dtype` (torch's own step hard-codes bf16). The
+    groups, momentum buffers, state dict and LR adjustment are torch's; the update follows torch's
+    `_single_tensor_muon` line for line."""
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kw):
+        super().__init__(params, **kw)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+            for p, g, buf in zip(params, grads, bufs):
+                buf.lerp_(g, 1 - mu)
+                update = g.lerp(buf, mu) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype)
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-_adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+
+
+def _adjusted_lr(lr: float, fn: str | None, shape: torch.Size) -> float:
+    """torch.optim.Muon's LR adjustment ("original": sqrt(max(1, rows / cols)); Moonshot's RMS match)."""
+    rows, cols = shape[:2]
+    if fn is None or fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    return lr * (0.2 * math.sqrt(max(rows, cols)) if fn == "match_rms_adamw" else 1.0)
 
 
 def _adamw(groups, lr, betas, device) -> torch.optim.AdamW:
@@ -32,9 +102,11 @@ def _adamw(groups, lr, betas, device) -> torch.optim.AdamW:
 
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
                     device: torch.device | None = None, kind: str = "adamw", muon_lr: float = 0.02,
-                    muon_momentum: float = 0.95, muon_weight_decay: float = 0.0) -> torch.optim.Optimizer:
+                    muon_momentum: float = 0.95, muon_weight_decay: float = 0.0,
+                    muon_ns_dtype: str = "auto") -> torch.optim.Optimizer:
     """AdamW: decay matrices (dim >= 2: linear weights, embeddings), not norms or biases.
-    muon: torch.optim.Muon for the blocks' 2-D matrices, AdamW (as above) for everything else."""
+    muon: Muon (torch's, Newton-Schulz in the hardware's fast dtype) for the blocks' 2-D matrices,
+    AdamW (as above) for everything else."""
     if kind not in OPTIMIZERS:
         raise UserError(f"train.optimizer {kind!r} is not one of {', '.join(OPTIMIZERS)}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -47,8 +119,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     adamw = _adamw([g for g in groups if g["params"]], lr, betas, device)
     if not hidden:
         return adamw
-    muon = torch.optim.Muon(hidden, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
-                            adjust_lr_fn="original")
+    muon = Muon(hidden, ns_dtype=ns_dtype_for(device, muon_ns_dtype), lr=muon_lr, weight_decay=muon_weight_decay,
+                momentum=muon_momentum, adjust_lr_fn="original")
     return MuonWithAdamW(muon, adamw)
 
 
@@ -56,7 +128,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     """Two torch optimizers seen as one: their param_groups (the same dicts, so an LR scheduler and a
     GradScaler act on both), one step, one state dict {"muon": ..., "adamw": ...}."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW):
+    def __init__(self, muon: Muon, adamw: torch.optim.AdamW):
         super().__init__([p for o in (muon, adamw) for g in o.param_groups for p in g["params"]], {})
         self.muon, self.adamw = muon, adamw
         self.param_groups = muon.param_groups + adamw.param_groups
