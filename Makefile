@@ -10,8 +10,10 @@ LOCK = requirements.lock
 STAMP = $(VENV)/.installed-$(shell cat pyproject.toml $(LOCK) | sha256sum | cut -c1-12)
 TORCH ?= torch==2.13.0
 LATEST ?= .venv-latest
+OLDEST ?= .venv-oldest
+TORCH_OLDEST ?= torch==2.9.1
 
-.PHONY: demo test test-slow test-latest lock bench gpu-check venv clean
+.PHONY: demo test test-slow test-latest test-oldest lock bench gpu-check venv clean
 
 venv: $(STAMP)
 
@@ -42,6 +44,21 @@ test-latest:
 	$(LATEST)/bin/python -m pip install -q -c $(LATEST)/torch-constraint.txt -e ".[dev]"
 	$(LATEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|lm.eval|datasets|huggingface.hub|safetensors|numpy|accelerate|peft) '
 	$(LATEST)/bin/python -m pytest -q -m compat
+
+# The floor check: the oldest torch pyproject.toml allows ($(TORCH_OLDEST), the first with torch.optim.Muon),
+# the other packages from the lock, running the compat subset and the tests of the torch APIs we build on
+# (Muon, DDP, FSDP2, distributed-checkpoint state dicts, signals). On x86_64 PyPI's torch 2.9.1 is a
+# CUDA build: ~3 GB to download; it runs on the CPU.
+test-oldest:
+	rm -rf $(OLDEST)
+	$(PY) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install -q --upgrade pip
+	$(OLDEST)/bin/python -m pip install -q "$(TORCH_OLDEST)"
+	echo "$(TORCH_OLDEST)" > $(OLDEST)/torch-constraint.txt
+	$(OLDEST)/bin/python -m pip install -q -c $(OLDEST)/torch-constraint.txt -r $(LOCK)
+	$(OLDEST)/bin/python -m pip install -q --no-deps -e .
+	$(OLDEST)/bin/python -m pip list 2>/dev/null | grep -iE '^(torch|transformers|lm.eval) '
+	$(OLDEST)/bin/python -m pytest -q -m "compat or torchcompat"
 
 # Regenerate the lock from pyproject.toml with uv (newest versions the ranges allow; torch excluded, see above).
 lock:

@@ -217,6 +217,14 @@ def prepare(args) -> dict:
 
 
 @benchmark
+def muon_step(args) -> dict:
+    """A Muon step's cost against an AdamW step, per CPU class (benchmarks/optimizer.py)."""
+    from benchmarks import optimizer
+
+    return optimizer.run(args, interleaved, report, BENCH_MODEL)
+
+
+@benchmark
 def recipe(args) -> dict:
     """Optimizer x schedule at a fixed token budget on the `tiny` preset (benchmarks/recipe.py)."""
     from benchmarks import recipe as bench_recipe

@@ -1,14 +1,16 @@
 """`make gpu-check` / `python -m benchmarks.gpu_check`: does llamaforge's GPU path work on this machine?
 
-On a CUDA machine: the flash SDPA kernel accepts our attention call (bf16, causal, GQA and not);
-`llama-150m` trains STEPS steps through the ordinary `llamaforge train` code with torch.compile off
-and on (losses must agree within bf16 tolerance); peak memory, tokens/s and MFU are printed (MFU
-against the GPU's spec bf16 peak when known, else a labelled measured matmul). With 2+ GPUs: DDP
+On a CUDA machine: the fused SDPA kernel the card has accepts our attention call (causal, GQA and
+not): flash in bf16 from compute capability 8.0, the memory-efficient kernel in fp16 before it (T4,
+V100: PyTorch's flash kernel needs 8.0); `llama-150m` trains STEPS steps through the ordinary
+`llamaforge train` code with torch.compile off and on (losses must agree within bf16 tolerance), at a
+micro-batch sized from the card's memory (`plan`); peak memory, tokens/s and MFU are printed (MFU
+against the GPU's spec peak when known, else a labelled measured matmul). With 2+ GPUs: DDP
 and FSDP2 (torchrun, 2 processes) against one GPU with twice the accumulation, and a DDP run killed
 with SIGKILL and resumed against the same run uninterrupted. Exits 1 on any mismatch or failure. On
 a machine without CUDA it says so and exits 0.
 
-    python -m benchmarks.gpu_check --data DATA_DIR [--steps 50] [--micro-batch 64]
+    python -m benchmarks.gpu_check --data DATA_DIR [--steps 50] [--micro-batch N (default: from memory)]
 
 DATA_DIR is a folder written by `llamaforge prepare` (default: prepare the offline sample corpus).
 """
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,19 +39,53 @@ from llamaforge.runs import read_metrics
 from llamaforge.train.metrics import spec_peak_flops, train_flops_per_token
 from llamaforge.workflows.pretrain import pretrain
 
-def check_flash(fail: list[str]) -> None:
+# llama-150m at seq 256 on an H100 (make gpu-check, README): 14.8 GB peak eager at micro-batch 64,
+# 10.9 GB compiled; ~2.6 GB of it is weights, gradients and optimizer states (162M parameters x 16 B).
+FIXED_GB, PER_SEQ_GB = 2.6, (14.8 - 2.6) / 64  # eager, the larger of the two
+MEMORY_SHARE = 0.8  # of the card's memory, for the allocator's fragmentation and the CUDA context
+
+
+@dataclass(frozen=True)
+class Plan:
+    kernel: str  # the SDPA backend to check: FLASH_ATTENTION | EFFICIENT_ATTENTION
+    dtype: torch.dtype  # what `train.precision: auto` computes in on this card
+    micro_batch: int
+    runs: tuple[tuple[str, bool, str], ...]  # (label, compile, precision)
+    why: str
+
+
+def plan(capability: tuple[int, int], total_memory: int, micro_batch: int | None = None) -> Plan:
+    """What to check on a card of this compute capability and memory (bytes): a pure function, so
+    the tests drive it with the properties of a T4, V100, A100 or H100."""
+    gb = total_memory / 1e9
+    fits = max(1, int((MEMORY_SHARE * gb - FIXED_GB) / PER_SEQ_GB))
+    micro = micro_batch or max(1, min(64, 2 ** max(0, fits.bit_length() - 1)))  # a power of two, at most the preset's
+    why = (f"{gb:.1f} GB card: micro-batch {micro} (estimate {FIXED_GB + micro * PER_SEQ_GB:.1f} GB eager, from the "
+           f"H100 measurement of {FIXED_GB} GB + {PER_SEQ_GB:.2f} GB per sequence)")
+    if micro_batch:
+        why = f"{gb:.1f} GB card: micro-batch {micro} as asked"
+    if capability >= (8, 0):  # native bf16 and flash attention
+        runs = (("eager", False, "auto"), ("compile", True, "auto"), ("fp16", False, "fp16"))
+        return Plan("FLASH_ATTENTION", torch.bfloat16, micro, runs, why)
+    runs = (("eager", False, "auto"), ("compile", True, "auto"))  # auto is fp16 + loss scaling here
+    return Plan("EFFICIENT_ATTENTION", torch.float16, micro, runs,
+                why + f"; compute capability {capability[0]}.{capability[1]}: no flash kernel, fp16")
+
+
+def check_attention(p: Plan, fail: list[str], device: str = "cuda") -> None:
+    """The fused kernel of the plan accepts our call (heads 12 as llama-150m, and GQA)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    for n_kv in (12, 4):  # MHA as in llama-150m, and GQA
-        q = torch.randn(4, 12, 256, 64, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(4, n_kv, 256, 64, device="cuda", dtype=torch.bfloat16)
+    for n_kv in (12, 4):
+        q = torch.randn(4, 12, 256, 64, device=device, dtype=p.dtype)
+        k = torch.randn(4, n_kv, 256, 64, device=device, dtype=p.dtype)
         v = torch.randn_like(k)
         try:
-            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            with sdpa_kernel(getattr(SDPBackend, p.kernel)):
                 F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_kv != 12)
-            print(f"flash SDPA: eligible (heads 12, kv heads {n_kv})")
+            print(f"{p.kernel.lower()} SDPA ({str(p.dtype).replace('torch.', '')}): eligible (heads 12, kv heads {n_kv})")
         except RuntimeError as e:
-            fail.append(f"flash SDPA not eligible with kv heads {n_kv}: {str(e).splitlines()[0]}")
+            fail.append(f"{p.kernel.lower()} SDPA not eligible with kv heads {n_kv}: {str(e).splitlines()[0]}")
 
 
 def train_run(data: str, out: Path, steps: int, micro: int, compile_: bool, precision: str = "auto") -> dict:
@@ -151,35 +188,39 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a prepared data folder (default: prepare the offline sample corpus)")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--micro-batch", type=int, default=64)
+    p.add_argument("--micro-batch", type=int, help="default: sized from the card's memory (at most 64)")
     p.add_argument("--json", help="append the results to this JSONL file")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device on this machine; nothing to check (exit 0)")
         return 0
     name = torch.cuda.get_device_name()
-    print(f"gpu-check on {name} x {torch.cuda.device_count()}, torch {torch.__version__}")
+    props = torch.cuda.get_device_properties(0)
+    pl = plan((props.major, props.minor), props.total_memory, a.micro_batch)
+    print(f"gpu-check on {name} x {torch.cuda.device_count()}, compute capability {props.major}.{props.minor}, "
+          f"torch {torch.__version__}; {pl.why}")
     fail: list[str] = []
-    check_flash(fail)
+    check_attention(pl, fail)
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data
         if data is None:
             data = str(Path(tmp) / "data")
             prepare("sample", data, progress=False)
         runs = {}
-        for label, compile_, precision in (("eager", False, "auto"), ("compile", True, "auto"), ("fp16", False, "fp16")):
+        for label, compile_, precision in pl.runs:
             try:
-                runs[label] = r = train_run(data, Path(tmp) / label, a.steps, a.micro_batch, compile_, precision)
+                runs[label] = r = train_run(data, Path(tmp) / label, a.steps, pl.micro_batch, compile_, precision)
             except Exception as e:  # noqa: BLE001 - a check reports every failure and goes on
                 fail.append(f"{label} training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 continue
-            peak = spec_peak_flops(name, torch.bfloat16)
-            mfu = f"{r['flops_per_s'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s spec bf16 peak" if peak else "spec peak unknown"
-            print(f"{label:>8}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, peak memory {r['peak_gb']:.1f} GB, "
+            peak = spec_peak_flops(name, pl.dtype)
+            mfu = f"{r['flops_per_s'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s spec peak" if peak else "spec peak unknown"
+            print(f"{label:>8}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, peak memory {r['peak_gb']:.1f} GB of "
+                  f"{props.total_memory / 1e9:.1f} GB (micro-batch {pl.micro_batch}), "
                   f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, wall {r['wall_s']:.0f} s, "
                   f"precision {r['start'].get('precision')} ({r['start'].get('precision_reason')}), "
                   f"MFU peak from {r['start'].get('mfu_peak_source')}")
-        if len(runs) == 2:
+        if "eager" in runs and "compile" in runs:
             e, c = runs["eager"]["losses"], runs["compile"]["losses"]
             worst = max(abs(x - y) for x, y in zip(e, c))
             print(f"eager vs compile: largest per-step loss difference {worst:.4f} over {len(e)} steps")
@@ -196,7 +237,7 @@ def main(argv=None) -> int:
         if torch.cuda.device_count() < 2:
             print("DDP / FSDP2 against one GPU: skipped (needs 2+ GPUs)")
         else:
-            m = max(1, a.micro_batch // 2)
+            m = max(1, pl.micro_batch // 2)
             distributed_checks(data, Path(tmp), min(a.steps, 20), ["--train.micro_batch", str(m),
                                "--batch-tokens", str(2 * m * 256)], fail, tolerance=0.05)
     if a.json:

@@ -117,6 +117,14 @@ def case(world, tmp_path, name):
                 check_rc=0)
         return ["generate", "--model", tmp_path / "g", "--prompt", "word " * 30, "--max-new-tokens", "4"],\
             ["learned positions"]
+    if name == "train-data-is-a-hub-name":  # the hint names the real command
+        return ["train", "--data", "hf:Skylion007/openwebtext", "--out", tmp_path / "r", *TRAIN],\
+            ["llamaforge prepare --source hf:Skylion007/openwebtext --out data/openwebtext"]
+    if name == "train.time_limit=soon":
+        return ["train", "--data", d, "--out", tmp_path / "r", *TRAIN, "--train.time_limit", "soon"], ["time_limit"]
+    if name == "resume-with-another-optimizer":  # a good checkpoint: the message must not blame it
+        return ["train", "--data", d, "--out", run, *TRAIN, "--train.optimizer", "muon", "--max-steps", "6"],\
+            ["trained with train.optimizer adamw", "config.yaml"]
     if name == "resume-with-another-shape":
         return ["train", "--data", d, "--out", run, *TRAIN, "--model.hidden_size", "48", "--max-steps", "6"],\
             ["does not fit"]
@@ -130,7 +138,8 @@ CASES = ["prepare-into-user-folder", "prepare-force-user-folder", "init-into-use
          "model.num_attention_heads=0", "model.num_hidden_layers=-1", "model.hidden_size=0", "bin-truncated",
          "bin-empty", "meta-not-json", "meta-wrong-field", "vocab-too-small-for-data", "config-json-invalid",
          "generate--max-new-tokens=0", "generate--max-new-tokens=-3", "generate--temperature=-1", "generate--top-p=2",
-         "generate--top-p=0", "gpt2-prompt-longer-than-positions", "resume-with-another-shape"]
+         "generate--top-p=0", "gpt2-prompt-longer-than-positions", "resume-with-another-shape",
+         "train-data-is-a-hub-name", "train.time_limit=soon", "resume-with-another-optimizer"]
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu_check import distributed_checks, main
+import torch
+
+from benchmarks.gpu_check import distributed_checks, main, plan
 from helpers import micro, stories_data
 from llamaforge.runs import read_metrics
 
@@ -33,3 +35,26 @@ def test_gpu_check_without_cuda_says_so_and_exits_0(capsys):
         pytest.skip("this machine has CUDA: `make gpu-check` runs the real check")
     assert main([]) == 0
     assert "no CUDA device" in capsys.readouterr().out
+
+
+GB = 10**9
+
+
+@pytest.mark.parametrize("card, capability, memory, kernel, dtype, micro", [
+    ("T4", (7, 5), 15.8 * GB, "EFFICIENT_ATTENTION", torch.float16, 32),
+    ("V100 16GB", (7, 0), 16.9 * GB, "EFFICIENT_ATTENTION", torch.float16, 32),
+    ("V100 32GB", (7, 0), 34.1 * GB, "EFFICIENT_ATTENTION", torch.float16, 64),
+    ("RTX 3060 12GB", (8, 6), 12.5 * GB, "FLASH_ATTENTION", torch.bfloat16, 32),
+    ("RTX 4060 8GB", (8, 9), 8.2 * GB, "FLASH_ATTENTION", torch.bfloat16, 16),
+    ("A100 40GB", (8, 0), 42.4 * GB, "FLASH_ATTENTION", torch.bfloat16, 64),
+    ("H100 80GB", (9, 0), 85.0 * GB, "FLASH_ATTENTION", torch.bfloat16, 64),
+    ("a 2 GB card", (8, 6), 2.0 * GB, "FLASH_ATTENTION", torch.bfloat16, 1),
+])
+def test_gpu_check_adapts_to_the_card(card, capability, memory, kernel, dtype, micro):
+    """Flash attention needs compute capability 8.0: T4/V100 check the memory-efficient kernel in fp16
+    (and `auto` trains in fp16 there, so no separate fp16 run); the micro-batch fits the memory."""
+    p = plan(capability, int(memory))
+    assert (p.kernel, p.dtype, p.micro_batch) == (kernel, dtype, micro), p
+    assert [r[0] for r in p.runs] == (["eager", "compile", "fp16"] if capability >= (8, 0) else ["eager", "compile"])
+    assert f"micro-batch {micro}" in p.why and f"{memory / GB:.1f} GB" in p.why
+    assert plan(capability, int(memory), micro_batch=8).micro_batch == 8

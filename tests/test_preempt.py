@@ -69,6 +69,7 @@ def test_the_time_limit_counts_the_next_step_and_the_save():
     assert StopFlag(None, clock=lambda: 1e9).reason(1e9, 1e9) is None
 
 
+@pytest.mark.torchcompat
 def test_signals_inside_steps_stop_at_the_boundary_and_resume_exactly(data, tmp_path, monkeypatch):
     """SIGTERM inside a forward pass, SIGUSR1 inside Muon's per-matrix Newton-Schulz loop, SIGINT while
     the batch is read and SIGTERM during evaluation: each run stops after that step with a checkpoint
@@ -173,6 +174,7 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+@pytest.mark.torchcompat
 @needs_torchrun
 def test_sigterm_to_torchrun_saves_together_and_resumes_exactly(data, tmp_path):
     """2 processes on gloo: SIGTERM to torchrun mid-run; every rank is gone within a minute, the
@@ -212,6 +214,7 @@ def _continue_from(src: Path, dst: Path, step: int) -> None:
             shutil.rmtree(c)
 
 
+@pytest.mark.torchcompat
 @needs_torchrun
 def test_elastic_resume_across_wrappers_and_process_counts(data, tmp_path):
     """AdamW, gloo: one process -> 2-process DDP (from step 2) -> 2-process FSDP2 (from step 3) ->

@@ -11,6 +11,7 @@ from llamaforge.config import load_config, micro_batch_for
 from llamaforge.errors import UserError
 from llamaforge.runs import checkpoints, read_metrics
 from llamaforge.train.loop import check_runnable
+from llamaforge.train import optim
 from llamaforge.train.optim import MuonWithAdamW, build_optimizer, build_scheduler, decay_start, lr_factor
 from llamaforge.train.step import train_step
 from llamaforge.workflows.pretrain import pretrain
@@ -62,6 +63,53 @@ def test_muon_with_fsdp_is_refused_and_bad_choices_too():
     for bad in ("train.optimizer=sgd", "train.schedule=linear", "train.decay_shape=cos", "train.decay_fraction=0"):
         with pytest.raises(UserError, match=bad.split("=")[0]):
             load_config(overrides=[bad])
+
+
+def _muon_pair(ns_dtype):
+    """torch.optim.Muon and ours on copies of the same tall, wide and square matrices."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 40), (24, 24)]
+    a = [torch.nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    kw = dict(lr=0.02, weight_decay=0.01, momentum=0.95, adjust_lr_fn="original")
+    return a, b, torch.optim.Muon(a, **kw), optim.Muon(b, ns_dtype=ns_dtype, **kw), g
+
+
+@pytest.mark.torchcompat
+def test_our_muon_is_torchs_muon_with_newton_schulz_in_the_fast_dtype():
+    """bf16 Newton-Schulz: bit for bit torch.optim.Muon (update, LR adjustment, momentum, state dict);
+    fp32: the same update within bf16's rounding. Fails if torch changes Muon's internals."""
+    for dtype in (torch.bfloat16, torch.float32):
+        a, b, theirs, ours, g = _muon_pair(dtype)
+        for _ in range(3):
+            for p, q in zip(a, b):
+                p.grad = torch.randn(p.shape, generator=g)
+                q.grad = p.grad.clone()
+            theirs.step()
+            ours.step()
+        for p, q in zip(a, b):
+            if dtype == torch.bfloat16:
+                assert torch.equal(p, q)
+            else:
+                assert not torch.equal(p, q)
+                torch.testing.assert_close(q, p, rtol=0, atol=2e-3)
+        sa, sb = theirs.state_dict(), ours.state_dict()
+        assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
+        theirs.load_state_dict(sb)  # the state dicts are interchangeable
+
+
+def test_newton_schulz_runs_in_the_dtype_the_hardware_is_fast_in(monkeypatch, small_model):
+    cpu = torch.device("cpu")
+    for flags, want in (({"avx2"}, torch.float32), ({"avx2", "avx512_bf16"}, torch.bfloat16),
+                        ({"amx_bf16"}, torch.bfloat16)):
+        monkeypatch.setattr(optim, "cpu_flags", lambda f=flags: f)
+        assert optim.ns_dtype_for(cpu) == want
+        assert optim.ns_dtype_for(cpu, "fp32") == torch.float32 and optim.ns_dtype_for(cpu, "bf16") == torch.bfloat16
+    monkeypatch.setattr(optim, "cpu_flags", lambda: {"avx2"})
+    model = small_model()
+    assert build_optimizer(model, lr=1e-3, kind="muon").muon.ns_dtype == torch.float32
+    with pytest.raises(UserError, match="muon_ns_dtype"):
+        load_config(overrides=["train.muon_ns_dtype=fp8"])
 
 
 def test_muon_takes_the_blocks_matrices_and_resumes_exactly(small_model):

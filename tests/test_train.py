@@ -88,6 +88,7 @@ def test_sigkill_and_resume_give_identical_losses_and_loss_falls(data, tmp_path,
     assert any(r.get("event") == "resumed" and r["checkpoint"] == "step_6" for r in read_metrics(killed))
 
 
+@pytest.mark.torchcompat
 @pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
                     reason="torchrun not installed")
 @pytest.mark.parametrize("precision", PRECISIONS)
@@ -186,6 +187,7 @@ def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     assert not list((tmp_path / "r" / "checkpoints").glob(".step_*"))
 
 
+@pytest.mark.torchcompat
 @pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed")
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_fsdp2_matches_one_process_and_resumes_exactly(data, tmp_path, precision):

@@ -249,7 +249,14 @@ def read_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared data folder, checked: every field the readers use is there and sane."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
-        raise UserError(f"{data_dir} is not prepared data (no meta.json); run `llamaforge prepare --out {data_dir}` first")
+        given = str(data_dir)
+        if given.startswith("hf:"):  # a Hub dataset is prepared first, then trained on from its folder
+            name = given[3:].split(":")[0]
+            out = f"data/{name.rstrip('/').split('/')[-1] or 'corpus'}"
+            raise UserError(f"--data takes a prepared folder, not {given}; run `llamaforge prepare --source {given} "
+                            f"--out {out}` first, then pass --data {out}")
+        raise UserError(f"{data_dir} is not prepared data (no meta.json); run `llamaforge prepare --source YOUR_CORPUS "
+                        f"--out {data_dir}` first")
     try:
         meta = json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError):

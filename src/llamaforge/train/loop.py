@@ -178,11 +178,11 @@ class Trainer:
         self.step, self.tokens_seen, self.bad_streak = 0, 0, 0
         self.slowest_step_s, self.slowest_save_s = 0.0, 0.0
         state = self.load_weights(usable)
-        if d.main:  # written only once the configuration and the checkpoint have been checked
-            self.write_run_dir()
         self.build()
         if state is not None:
             self.restore(usable, state)
+        if d.main:  # written only once the configuration and the checkpoint have been checked
+            self.write_run_dir()
         self.open_metrics(usable, continued, rejected)
 
     # -- set-up -------------------------------------------------------------------------------

@@ -1,0 +1,64 @@
+"""`python -m benchmarks muon_step`: what a Muon step costs against an AdamW step.
+
+The `train_step` benchmark's model (hidden 512, 8 layers, SwiGLU 1376, vocab 32000) and batch
+(8 x 256 tokens), forward + backward + optimizer, in the precision `auto` picks on this CPU, with:
+AdamW (the baseline), llamaforge's Muon (Newton-Schulz in the dtype this hardware is fast in), and
+torch.optim.Muon as it ships (Newton-Schulz always in bf16: what llamaforge ran before). The target
+is a Muon step <= 1.3x an AdamW step on every CPU class. This machine is one class; the others are
+named and skipped. The fp32 path (what an AVX2-only CPU runs: fp32 training, fp32 Newton-Schulz) is
+also timed here, labelled as a proxy, since its ratio depends on fp32 speed, not on the bf16 units.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def cpu_class(flags: set[str]) -> str:
+    if "amx_bf16" in flags:
+        return "AMX"
+    return "AVX512-BF16" if "avx512_bf16" in flags else "AVX2-only"
+
+
+def run(args, interleaved, report, bench_model: dict) -> dict:
+    from llamaforge.config import ModelConfig
+    from llamaforge.model.io import build_model
+    from llamaforge.train.optim import MuonWithAdamW, build_optimizer
+    from llamaforge.train.precision import choose, cpu_flags, decide
+    from llamaforge.train.step import train_step
+
+    cpu = torch.device("cpu")
+    auto = choose("auto", cpu)
+    fp32 = decide("fp32", "cpu", set(), None)
+    x = torch.randint(0, 32000, (8, 257), generator=torch.Generator().manual_seed(0))
+    batch = [(x[:, :-1], x[:, 1:])]
+
+    def step(kind: str, precision, ns: str = "auto", torch_muon: bool = False):
+        model = build_model(ModelConfig(**bench_model)).train()
+        opt = build_optimizer(model, lr=1e-3, kind=kind, muon_ns_dtype=ns)
+        if torch_muon:  # the same parameters and settings in torch's own class (bf16 Newton-Schulz)
+            m = opt.muon
+            opt = MuonWithAdamW(torch.optim.Muon(m.param_groups[0]["params"], lr=0.02, weight_decay=0.0,
+                                                 momentum=0.95, adjust_lr_fn="original"), opt.adamw)
+        return lambda: train_step(model, opt, batch, precision=precision)
+
+    fns = {"adamw": step("adamw", auto), "muon": step("muon", auto), "torch_muon": step("muon", auto, torch_muon=True),
+           "adamw_fp32": step("adamw", fp32), "muon_fp32": step("muon", fp32, ns="fp32")}
+    t = interleaved(fns, max(1, args.warmup), max(3, args.reps))
+    here = cpu_class(cpu_flags())
+    cost = {k: v / t["adamw"] for k, v in t.items()}
+    proxy = t["muon_fp32"] / t["adamw_fp32"]
+    print(f"  this CPU: {here}; precision {auto.label()}")
+    for k in ("adamw", "muon", "torch_muon"):
+        print(f"  {k:12s} {t[k]:6.2f} s/step  {cost[k]:.2f}x an AdamW step")
+    print(f"  fp32 path (AVX2-only CPUs; proxy timed here): AdamW {t['adamw_fp32']:.2f} s, Muon {t['muon_fp32']:.2f} s "
+          f"= {proxy:.2f}x")
+    for other in ("AMX", "AVX512-BF16", "AVX2-only"):
+        if other != here:
+            print(f"  {other}: skipped (not this CPU); run `python -m benchmarks muon_step` there")
+    tokens = 8 * 256
+    return report("muon_step", tokens / t["muon"], tokens / t["adamw"], "AdamW step, same model and batch", "tokens/s",
+                  {"cpu_class": here, "precision": auto.name, "muon_step_cost_vs_adamw": round(cost["muon"], 3),
+                   "torch_muon_step_cost_vs_adamw": round(cost["torch_muon"], 3),
+                   "fp32_path_muon_cost_vs_adamw_proxy": round(proxy, 3),
+                   **{f"{k}_s_per_step": round(v, 3) for k, v in t.items()}})
