@@ -7,6 +7,8 @@ torch.optim.Muon as it ships (Newton-Schulz always in bf16: what llamaforge ran 
 is a Muon step <= 1.3x an AdamW step on every CPU class. This machine is one class; the others are
 named and skipped. The fp32 path (what an AVX2-only CPU runs: fp32 training, fp32 Newton-Schulz) is
 also timed here, labelled as a proxy, since its ratio depends on fp32 speed, not on the bf16 units.
+Newton-Schulz costs the same per step whatever the batch, so the ratio is also timed with 4
+micro-batches a step (8,192 tokens): what gradient accumulation or a larger batch does to it.
 """
 
 from __future__ import annotations
@@ -33,17 +35,18 @@ def run(args, interleaved, report, bench_model: dict) -> dict:
     x = torch.randint(0, 32000, (8, 257), generator=torch.Generator().manual_seed(0))
     batch = [(x[:, :-1], x[:, 1:])]
 
-    def step(kind: str, precision, ns: str = "auto", torch_muon: bool = False):
+    def step(kind: str, precision, ns: str = "auto", torch_muon: bool = False, micro: int = 1):
         model = build_model(ModelConfig(**bench_model)).train()
         opt = build_optimizer(model, lr=1e-3, kind=kind, muon_ns_dtype=ns)
         if torch_muon:  # the same parameters and settings in torch's own class (bf16 Newton-Schulz)
             m = opt.muon
             opt = MuonWithAdamW(torch.optim.Muon(m.param_groups[0]["params"], lr=0.02, weight_decay=0.0,
                                                  momentum=0.95, adjust_lr_fn="original"), opt.adamw)
-        return lambda: train_step(model, opt, batch, precision=precision)
+        return lambda: train_step(model, opt, batch * micro, precision=precision)
 
     fns = {"adamw": step("adamw", auto), "muon": step("muon", auto), "torch_muon": step("muon", auto, torch_muon=True),
-           "adamw_fp32": step("adamw", fp32), "muon_fp32": step("muon", fp32, ns="fp32")}
+           "adamw_fp32": step("adamw", fp32), "muon_fp32": step("muon", fp32, ns="fp32"),
+           "adamw_x4": step("adamw", auto, micro=4), "muon_x4": step("muon", auto, micro=4)}
     t = interleaved(fns, max(1, args.warmup), max(3, args.reps))
     here = cpu_class(cpu_flags())
     cost = {k: v / t["adamw"] for k, v in t.items()}
@@ -51,6 +54,8 @@ def run(args, interleaved, report, bench_model: dict) -> dict:
     print(f"  this CPU: {here}; precision {auto.label()}")
     for k in ("adamw", "muon", "torch_muon"):
         print(f"  {k:12s} {t[k]:6.2f} s/step  {cost[k]:.2f}x an AdamW step")
+    print(f"  4 micro-batches a step (8,192 tokens): AdamW {t['adamw_x4']:.2f} s, Muon {t['muon_x4']:.2f} s = "
+          f"{t['muon_x4'] / t['adamw_x4']:.2f}x")
     print(f"  fp32 path (AVX2-only CPUs; proxy timed here): AdamW {t['adamw_fp32']:.2f} s, Muon {t['muon_fp32']:.2f} s "
           f"= {proxy:.2f}x")
     for other in ("AMX", "AVX512-BF16", "AVX2-only"):
@@ -61,4 +66,5 @@ def run(args, interleaved, report, bench_model: dict) -> dict:
                   {"cpu_class": here, "precision": auto.name, "muon_step_cost_vs_adamw": round(cost["muon"], 3),
                    "torch_muon_step_cost_vs_adamw": round(cost["torch_muon"], 3),
                    "fp32_path_muon_cost_vs_adamw_proxy": round(proxy, 3),
+                   "muon_cost_vs_adamw_8192_tokens": round(t["muon_x4"] / t["adamw_x4"], 3),
                    **{f"{k}_s_per_step": round(v, 3) for k, v in t.items()}})
