@@ -27,11 +27,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
+from ..errors import UserError
 from ..fsutil import atomic_folder
 from ..model.convert import rename_legacy
 from ..model.hf import LlamaForgeConfig, LlamaForgeForCausalLM
 from ..runs import STATE, checkpoint_dir, checkpoints, checkpoints_dir, read_state
-from .distributed import unwrap
+from .distributed import Dist, unwrap
 from .optim import MuonWithAdamW
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,37 @@ def newest_valid(found: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]
             return path, rejected
         rejected.append((path, why))
     return None, rejected
+
+
+def choose(t, run_dir: Path, d: Dist, resume: bool | None) -> tuple[Path | None, Path | None, list]:
+    """(the checkpoint to resume from, the other run's checkpoint when continuing one, the damaged
+    newer ones with the reason). Rank 0 decides; every rank must see that very checkpoint."""
+    found = checkpoints(run_dir)
+    usable, rejected = newest_valid(found)
+    continued = None
+    if t.resume_from and not found:  # a new run directory continuing another run's checkpoint
+        continued = Path(t.resume_from)
+        why = problem(continued) if continued.is_dir() else "no such checkpoint folder"
+        if why:
+            raise UserError(f"train.resume_from {continued}: {why}; give a run's checkpoints/step_N folder")
+        usable = continued
+    if d.world > 1:
+        chosen = d.broadcast(usable.name if usable else None)
+        if chosen is not None and (usable is None or usable.name != chosen):
+            raise UserError(f"rank {d.rank} cannot read checkpoint {chosen} in {run_dir}, which rank 0 resumes from; "
+                            "put the run directory on a filesystem every node shares")
+        if chosen is None and usable is not None:
+            usable, found = None, []  # rank 0 starts fresh (sees no checkpoint): so does everyone
+    if found and usable is None:
+        raise UserError(f"no usable checkpoint in {run_dir / 'checkpoints'} ({rejected[0][1]} in {rejected[0][0].name}, "
+                        f"{len(rejected)} damaged); move the damaged step_N folders away to start over, or pass another --out")
+    for path, why in rejected:  # one line each; the run goes on from `usable`
+        log.warning("checkpoint %s is damaged (%s); resuming from %s", path.name, why, usable.name)
+    if resume is True and not found:
+        raise UserError(f"--resume: {run_dir} has no checkpoint; drop --resume to start a new run")
+    if resume is False and found:
+        raise UserError(f"{run_dir} already holds checkpoints; resume it (default) or pass another --out")
+    return usable, continued, rejected
 
 
 def load_weights(path: Path, model) -> dict:

@@ -115,37 +115,6 @@ def copy_metrics(source_run: Path, run_dir: Path, step: int) -> None:
         atomic_write_bytes(metrics_path(run_dir), "".join(kept).encode())
 
 
-def choose_checkpoint(t, run_dir: Path, d: Dist, resume: bool | None) -> tuple[Path | None, Path | None, list]:
-    """(the checkpoint to resume from, the other run's checkpoint when continuing one, the damaged
-    newer ones with the reason). Rank 0 decides; every rank must see that very checkpoint."""
-    found = ckpt.checkpoints(run_dir)
-    usable, rejected = ckpt.newest_valid(found)
-    continued = None
-    if t.resume_from and not found:  # a new run directory continuing another run's checkpoint
-        continued = Path(t.resume_from)
-        why = ckpt.problem(continued) if continued.is_dir() else "no such checkpoint folder"
-        if why:
-            raise UserError(f"train.resume_from {continued}: {why}; give a run's checkpoints/step_N folder")
-        usable = continued
-    if d.world > 1:
-        chosen = d.broadcast(usable.name if usable else None)
-        if chosen is not None and (usable is None or usable.name != chosen):
-            raise UserError(f"rank {d.rank} cannot read checkpoint {chosen} in {run_dir}, which rank 0 resumes from; "
-                            "put the run directory on a filesystem every node shares")
-        if chosen is None and usable is not None:
-            usable, found = None, []  # rank 0 starts fresh (sees no checkpoint): so does everyone
-    if found and usable is None:
-        raise UserError(f"no usable checkpoint in {run_dir / 'checkpoints'} ({rejected[0][1]} in {rejected[0][0].name}, "
-                        f"{len(rejected)} damaged); move the damaged step_N folders away to start over, or pass another --out")
-    for path, why in rejected:  # one line each; the run goes on from `usable`
-        log.warning("checkpoint %s is damaged (%s); resuming from %s", path.name, why, usable.name)
-    if resume is True and not found:
-        raise UserError(f"--resume: {run_dir} has no checkpoint; drop --resume to start a new run")
-    if resume is False and found:
-        raise UserError(f"{run_dir} already holds checkpoints; resume it (default) or pass another --out")
-    return usable, continued, rejected
-
-
 def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path, resume: bool | None = None,
           progress: bool = True, record: RunRecord | None = None) -> TrainResult:
     """Train `model` (its weights are replaced by the latest checkpoint when resuming).
@@ -173,10 +142,11 @@ class Trainer:
             cfg, cfg.train, tokenizer, run_dir, d, record, flag
         self.model, self.progress = model, progress
         check_runnable(cfg, model.config, d.world)
-        usable, continued, rejected = choose_checkpoint(self.t, run_dir, d, resume)
+        usable, continued, rejected = ckpt.choose(self.t, run_dir, d, resume)
         self.batches = batches_factory(d.rank, d.world)
         self.step, self.tokens_seen, self.bad_streak = 0, 0, 0
-        self.slowest_step_s, self.slowest_save_s = 0.0, 0.0
+        self.slowest_step_s, self.slowest_save_s, self.steps_here = 0.0, 0.0, 0  # for train.time_limit
+        self.saved_step: int | None = None  # the step of the checkpoint on disk that this process wrote or resumed
         state = self.load_weights(usable)
         self.build()
         if state is not None:
@@ -241,6 +211,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.saved_step = self.step if usable.parent.parent == self.run_dir else None
 
     def open_metrics(self, usable: Path | None, continued: Path | None, rejected: list) -> None:
         d, t, run_dir = self.d, self.t, self.run_dir
@@ -281,7 +252,9 @@ class Trainer:
                     self.save("decay_start")
                 elif t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                     self.save("interval")
-                self.slowest_step_s = max(self.slowest_step_s, time.perf_counter() - start)
+                self.steps_here += 1
+                if self.steps_here > 1:  # the first step compiles and warms up: not what the next one costs
+                    self.slowest_step_s = max(self.slowest_step_s, time.perf_counter() - start)
         finally:
             bar.close()
         return self.finish(stopped)
@@ -369,6 +342,7 @@ class Trainer:
         full = ckpt.gather_full_state(self.wrapped, self.optimizer) if self.sharded else None  # a collective
         if self.d.main:
             self.write_checkpoint(tag, full)
+        self.saved_step = self.step
         self.slowest_save_s = max(self.slowest_save_s, time.perf_counter() - start)
 
     def write_checkpoint(self, tag: str, full) -> None:
@@ -387,7 +361,8 @@ class Trainer:
 
     def finish(self, stopped: str | None) -> TrainResult:
         """The last checkpoint; then `Stopped` (stopped early), or the model (FSDP: an unsharded copy)."""
-        self.save(stopped or "end")
+        if self.saved_step != self.step:  # a run stopped (or rerun) right after a save keeps that checkpoint
+            self.save(stopped or "end")
         full = ckpt.gather_full_state(self.wrapped, self.optimizer) if self.sharded and not stopped else None
         if stopped:
             self.metrics.log("event", self.step, event="stopped", reason=stopped)
