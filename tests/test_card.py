@@ -40,7 +40,7 @@ def test_card_of_a_short_run_with_eval(tmp_path):
     prepare(str(tmp_path / "c.jsonl"), tmp_path / "d", val_fraction=0.1, workers=0, progress=False)
     run = tmp_path / "run"
     run_cli("train", "--data", tmp_path / "d", "--out", run, "--preset", "tiny", *micro(), "--max-steps", "3", "--eval-every", "3", "--batch-tokens", "1024",
-            "--train.micro_batch", "4", "--train.eval_tokens", "512", check_rc=0)
+            "--train.micro_batch", "4", "--train.eval_tokens", "512", "--train.precision", "fp32", check_rc=0)
     card = (run / "final" / "README.md").read_text()
     assert "## Pretraining" in card and "Steps: 3" in card and "validation loss" in card
     assert "AdamW" in card and "fp32" in card
@@ -62,8 +62,9 @@ def test_push_failure_modes(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env["HF_HOME"] = str(tmp_path / "hf-home")  # no stored login
     assert_user_error(run_cli("push", "--model", folder, "--repo", "me/x", env=env), "no Hugging Face token", "HF_TOKEN")
-    assert_user_error(run_cli("push", "--model", folder, "--repo", "bad name", env=env), "NAMESPACE/NAME")
-    assert_user_error(run_cli("push", "--model", tmp_path, "--repo", "me/x", env=env), "not a model folder")
+    # refused before any token or network question: in-process through the entry point
+    assert_user_error(run_cli("push", "--model", folder, "--repo", "bad name"), "NAMESPACE/NAME")
+    assert_user_error(run_cli("push", "--model", tmp_path, "--repo", "me/x"), "not a model folder")
     env.update(HF_TOKEN="hf_dummy", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_ETAG_TIMEOUT="2",
                HF_HUB_DOWNLOAD_TIMEOUT="2")
     done = run_cli("push", "--model", folder, "--repo", "me/x", env=env, timeout=120)

@@ -132,6 +132,7 @@ def test_time_limit_stops_with_a_checkpoint_and_says_how_to_continue(data, tmp_p
     assert losses(run) == losses(straight)
 
 
+@pytest.mark.slow  # ~40 s; the deterministic in-process test above covers each place in the fast tier
 def test_sigterm_at_random_moments_then_the_same_command(data, tmp_path):
     """The real thing, in a fresh process: SIGTERM or SIGINT at random moments (three per run),
     each answered by one line and exit 75, then the same command: the uninterrupted losses."""
