@@ -81,8 +81,9 @@ def assert_user_error(done: subprocess.CompletedProcess, *words: str) -> None:
 
 
 def _bf16_param():
-    """The `bf16` case of a precision parametrization: runs on CPUs with AMX/AVX512-BF16 (bf16 is the
-    `auto` choice there), skips elsewhere (emulated bf16 is ~100x slower) unless LLAMAFORGE_TEST_BF16=1."""
+    """The `bf16` case of a precision parametrization, in the slow tier (`make test-slow`, which CI
+    runs): runs on CPUs with AMX/AVX512-BF16 (bf16 is the `auto` choice there), skips elsewhere
+    (emulated bf16 is ~100x slower) unless LLAMAFORGE_TEST_BF16=1."""
     import os
 
     import pytest
@@ -91,8 +92,8 @@ def _bf16_param():
 
     fast = bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
     run = fast or os.environ.get("LLAMAFORGE_TEST_BF16") == "1"
-    return pytest.param("bf16", marks=pytest.mark.skipif(
-        not run, reason="this CPU has no AMX/AVX512-BF16 (bf16 emulated, slow); LLAMAFORGE_TEST_BF16=1 runs it anyway"))
+    return pytest.param("bf16", marks=[pytest.mark.slow, pytest.mark.skipif(
+        not run, reason="this CPU has no AMX/AVX512-BF16 (bf16 emulated, slow); LLAMAFORGE_TEST_BF16=1 runs it anyway")])
 
 
 PRECISIONS = ["fp32", _bf16_param()]

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import assert_user_error, micro, run_cli, write_stories
 from llamaforge.data.prepare import prepare
@@ -125,6 +126,25 @@ def case(world, tmp_path, name):
     if name == "resume-with-another-optimizer":  # a good checkpoint: the message must not blame it
         return ["train", "--data", d, "--out", run, *TRAIN, "--train.optimizer", "muon", "--max-steps", "6"],\
             ["trained with train.optimizer adamw", "config.yaml"]
+    if name in ("generate-past-the-positions", "generate-chat-past-the-positions"):  # would run until killed
+        model = run / "final"
+        if "chat" in name:  # the chat-template path: a copy of the folder given the template sft writes
+            from llamaforge.data.sft import CHAT_TEMPLATE
+
+            model = tmp_path / "chat"
+            shutil.copytree(run / "final", model)
+            cfg = json.loads((model / "tokenizer_config.json").read_text())
+            (model / "tokenizer_config.json").write_text(json.dumps(dict(cfg, chat_template=CHAT_TEMPLATE)))
+        chat = ["--chat"] if "chat" in name else []
+        return ["generate", "--model", model, "--prompt", "x", "--max-new-tokens", "100000", *chat],\
+            ["100000", "positions", "llamaforge extend"]
+    if name in ("generate-truncated-weights", "eval-truncated-weights"):
+        shutil.copytree(run / "final", tmp_path / "m")
+        weights = tmp_path / "m" / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        argv = ["generate", "--model", tmp_path / "m", "--prompt", "x"] if name.startswith("generate") else \
+            ["eval", "--model", tmp_path / "m", "--data", d]
+        return argv, ["model.safetensors", "damaged", "copy the folder again"]
     if name == "resume-with-another-shape":
         return ["train", "--data", d, "--out", run, *TRAIN, "--model.hidden_size", "48", "--max-steps", "6"],\
             ["does not fit"]
@@ -139,7 +159,9 @@ CASES = ["prepare-into-user-folder", "prepare-force-user-folder", "init-into-use
          "bin-empty", "meta-not-json", "meta-wrong-field", "vocab-too-small-for-data", "config-json-invalid",
          "generate--max-new-tokens=0", "generate--max-new-tokens=-3", "generate--temperature=-1", "generate--top-p=2",
          "generate--top-p=0", "gpt2-prompt-longer-than-positions", "resume-with-another-shape",
-         "train-data-is-a-hub-name", "train.time_limit=soon", "resume-with-another-optimizer"]
+         "train-data-is-a-hub-name", "train.time_limit=soon", "resume-with-another-optimizer",
+         "generate-past-the-positions", "generate-chat-past-the-positions", "generate-truncated-weights",
+         "eval-truncated-weights"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -279,6 +301,64 @@ def test_long_documents_tokenized_in_pieces_give_the_same_ids(mistral, monkeypat
         text = " ".join(rng.choice(words) for _ in range(rng.randint(1, 60)))
         whole = [1, *P._worker_tok.encode(text, add_special_tokens=False).ids, 2]
         assert P._long_doc(text, 1, 2, "uint16").tolist() == whole, text
+
+
+def test_generation_never_runs_past_the_models_positions(mistral, small_model):
+    """The library's generate() refuses like the CLI; the sample during training is clipped to the
+    positions left after its prompt (and skipped when none are left)."""
+    from llamaforge.errors import UserError
+    from llamaforge.train.loop import sample_text
+    from llamaforge.workflows.generate import generate
+
+    model = small_model(vocab_size=32000, max_position_embeddings=16)
+    with pytest.raises(UserError, match="16 positions"):
+        generate(model, mistral, ["The cat"], max_new_tokens=15)
+    asked = []
+    real = model.generate
+    model.generate = lambda ids, **kw: asked.append(kw["max_new_tokens"]) or real(ids, **kw)
+    sample_text(model, mistral, "The cat sat", torch.device("cpu"), max_new_tokens=32)
+    assert asked == [16 - len(mistral("The cat sat").input_ids)]
+    assert sample_text(model, mistral, "word " * 20, torch.device("cpu")) == "" and len(asked) == 1
+
+
+def test_text_without_spaces_tokenized_in_windows_gives_the_same_ids(mistral, monkeypatch):
+    """Chinese, Japanese, Thai, base64 and minified code (no space to cut at) are cut by character count
+    with LOOK_CHARS of context; the guard doubles a context that is too short. Tiny sizes here, so the
+    cuts and the guard are exercised hundreds of times."""
+    import random
+
+    import llamaforge.data.prepare as P
+
+    P._init_worker(mistral.backend_tokenizer.to_str(), True)
+    monkeypatch.setattr(P, "PIECE_CHARS", 24)
+    monkeypatch.setattr(P, "LOOK_CHARS", 4)
+    rng = random.Random(5)
+    alphabets = ["的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年", "日本語のテキストですカタカナひらがな漢字",
+                 "ภาษาไทยไม่มีการเว้นวรรคระหว่างคำ", "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=",
+                 "function(a,b){return[a+b,{x:1}];}var=>;\n\t", "😀👍🏽ß∑√ĳ\u200b"]
+    for _ in range(150):
+        chars = rng.choice(alphabets) + (rng.choice(alphabets) if rng.random() < 0.3 else "")
+        text = "".join(rng.choice(chars) for _ in range(rng.randint(60, 400)))
+        if rng.random() < 0.3:  # an occasional space far apart: pieces cut at spaces, then windows inside
+            i = rng.randrange(len(text))
+            text = text[:i] + " " + text[i + 1 :]
+        whole = [1, *P._worker_tok.encode(text, add_special_tokens=False).ids, 2]
+        assert P._long_doc(text, 1, 2, "uint16").tolist() == whole, text
+
+
+@pytest.mark.slow  # ~1 min: 40 MB of Chinese through the tokenizer
+def test_a_40_mb_document_without_spaces_stays_under_1_gb(tmp_path):
+    text = "".join("的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年"[(i * 7) % 31] for i in range(14_000_000))
+    (tmp_path / "zh.txt").write_text(text)  # 42 MB of UTF-8, one line, no space
+    code = ("import resource, sys; from llamaforge.data.prepare import prepare; "
+            "m = prepare(sys.argv[1], sys.argv[2], workers=0, progress=False, val_fraction=0); "
+            "print(m['splits']['train']['tokens'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "zh.txt"), str(tmp_path / "d")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokens, peak_mb = map(int, done.stdout.split())
+    assert tokens > 1_000_000
+    assert peak_mb < 1000, f"peak RSS {peak_mb} MB"
 
 
 def test_prepare_workers_die_with_their_parent(tmp_path):

@@ -175,6 +175,7 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+@pytest.mark.slow  # ~35 s, three torchrun launches; CI runs the slow tier
 @pytest.mark.torchcompat
 @needs_torchrun
 def test_sigterm_to_torchrun_saves_together_and_resumes_exactly(data, tmp_path):

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 FORMAT = "llamaforge-tokens-v1"
 BATCH_BYTES = 2 << 20  # text per worker task: large enough to amortize IPC, small enough to bound memory
 PIECE_CHARS = 1 << 18  # longer documents are tokenized piece by piece (bounded memory, same ids)
+LOOK_CHARS = 1024  # context either side of a cut inside text without spaces (doubled when it is too short)
 
 _worker_tok = None  # per worker process: the Rust tokenizer
 
@@ -99,10 +100,49 @@ def _pieces(text: str) -> list[str]:
     return out
 
 
+def _window(text: str, pos: int, look: int) -> tuple[list[int], int] | None:
+    """The ids of the tokens of `text` that start in [pos, cut), and `cut` (the first token start at or
+    after pos + PIECE_CHARS, or the end), from one window with `look` characters of context on either
+    side. None when `pos` is not a token start in this window: its context was too short."""
+    a, b = max(0, pos - look), min(len(text), pos + PIECE_CHARS + look)
+    enc = _worker_tok.encode(text[a:b], add_special_tokens=False)
+    starts = [a + s for s, _ in enc.offsets]
+    if pos and pos not in starts:
+        return None
+    cut = len(text) if b == len(text) else next((s for s in starts if s >= pos + PIECE_CHARS), None)
+    if cut is None:
+        return None
+    return [i for i, s in zip(enc.ids, starts) if pos <= s < cut], cut
+
+
+def _windowed(text: str, dtype: str) -> np.ndarray:
+    """The ids of tokenizing `text` whole, window by window, for text with no space to cut at (Chinese,
+    Japanese, Thai, base64, minified code): windows of PIECE_CHARS that overlap by LOOK_CHARS of context;
+    each cut falls on a token start, and the next window must start a token there too (the guard), else
+    the context doubles. Memory is bounded by the window, not the document."""
+    ids, pos = [], 0  # one array per window: no Python list of every id
+    while pos < len(text):
+        look = LOOK_CHARS
+        got = _window(text, pos, look)
+        while got is None and look < PIECE_CHARS:
+            look *= 2
+            got = _window(text, pos, look)
+        if got is None:
+            raise UserError("a document without spaces could not be cut at a token boundary; "
+                            "split it into lines or paragraphs and prepare again")
+        part, pos = got
+        ids.append(np.asarray(part, dtype=dtype))
+    return np.concatenate(ids) if ids else np.zeros(0, dtype)
+
+
 def _long_doc(text: str, bos: int, eos: int, dtype: str) -> np.ndarray:
     """<s> ids </s> of a long document, piece by piece, as one array (no Python list of every id)."""
     parts = [np.array([bos], dtype=dtype)]
-    parts += [np.asarray(_worker_tok.encode(p, add_special_tokens=False).ids, dtype=dtype) for p in _pieces(text)]
+    for piece in _pieces(text):
+        if len(piece) <= 2 * PIECE_CHARS:
+            parts.append(np.asarray(_worker_tok.encode(piece, add_special_tokens=False).ids, dtype=dtype))
+        else:
+            parts.append(_windowed(piece, dtype))
     return np.concatenate(parts + [np.array([eos], dtype=dtype)])
 
 

@@ -83,6 +83,18 @@ def _set_tokenizer_flags(path: Path, tokenizer: PreTrainedTokenizerBase) -> None
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
+def safetensors_problem(file: Path) -> str | None:
+    """Why a safetensors file cannot be read (a header that does not fit the file's size, garbage,
+    no tensors), or None. Reads the header only; the tensors are checked against the config on load."""
+    try:
+        with safe_open(str(file), "pt") as f:  # checks the header's offsets against the file size
+            if not list(f.keys()):
+                return "it holds no tensors"
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else 'unreadable'}"
+    return None
+
+
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForgeForCausalLM:
     """Our model from a llamaforge folder or a stock Llama folder (converted)."""
     path = Path(path)
@@ -90,6 +102,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
         raise UserError(f"{path} is not a model folder (no config.json); pass a folder written by init, train or export")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise UserError(f"{path} has no weights (*.safetensors); pass a folder written by init, train or export")
+    for weights in sorted(path.glob("*.safetensors")):  # a truncated or garbage file: one line, never a traceback
+        why = safetensors_problem(weights)
+        if why:
+            raise UserError(f"{weights} is damaged ({why}); copy the folder again, or re-publish it from its run "
+                            "(`llamaforge export --model RUN_DIR/checkpoints/step_N --out DIR`)")
     try:
         cfg = json.loads((path / "config.json").read_text())
         model_type = cfg.get("model_type")

@@ -24,12 +24,12 @@ import zipfile
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file, save_model
 
 from ..errors import UserError
 from ..fsutil import atomic_folder
 from ..model.convert import rename_legacy
+from ..model.io import safetensors_problem
 from ..model.hf import LlamaForgeConfig, LlamaForgeForCausalLM
 from ..runs import STATE, checkpoint_dir, checkpoints, checkpoints_dir, read_state
 from .distributed import Dist, unwrap
@@ -93,12 +93,9 @@ def problem(path: Path) -> str | None:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
             not all(isinstance(state.get(k), dict) for k in ("scheduler", "loader", "model_config")):
         return "state.json lacks step, scheduler, loader or model_config"
-    try:
-        with safe_open(str(path / "model.safetensors"), "pt") as f:  # checks the header against the file size
-            if not list(f.keys()):
-                return "model.safetensors holds no tensors"
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for damaged files
-        return f"model.safetensors is damaged ({type(e).__name__})"
+    why = safetensors_problem(path / "model.safetensors")
+    if why:
+        return f"model.safetensors is damaged ({why.split(':')[0]})"
     for name in ("optimizer.pt", "rng.pt"):
         try:
             zipfile.ZipFile(path / name).close()  # torch.save writes a zip; a truncated one has no directory

@@ -73,8 +73,11 @@ def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tok
     was_training = model.training
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    room = model.config.max_position_embeddings - ids.shape[1]  # never past the model's positions (README: train)
+    if room < 1:
+        return ""
+    out = model.generate(ids, max_new_tokens=min(max_new_tokens, room), do_sample=False,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

@@ -29,6 +29,22 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise UserError(f"--repetition-penalty {repetition_penalty} must be positive")
 
 
+def check_length(config, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Generation is bounded by the model's positions: a typo'd --max-new-tokens would otherwise run
+    until killed, its KV cache growing. Learned positions cannot go further at all; RoPE models were
+    trained for max_position_embeddings (`llamaforge extend` gives them more)."""
+    limit = config.max_position_embeddings
+    if prompt_tokens + max_new_tokens <= limit:
+        return
+    room = max(0, limit - prompt_tokens)
+    if config.position_embedding_type == "learned":
+        raise UserError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceeds this model's "
+                        f"{limit} learned positions; shorten the prompt or lower --max-new-tokens to {room}")
+    raise UserError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceeds the {limit} positions "
+                    f"this model was trained for; lower --max-new-tokens to {room} or lengthen the context with "
+                    "`llamaforge extend`")
+
+
 def load_for_generation(model_dir: str | Path, prompts: list[str], chat: bool = False):
     """(model, tokenizer, prompts) for a model folder; with `chat` each prompt becomes a user turn."""
     if not prompts:
@@ -61,10 +77,7 @@ def generate(
         raise ValueError("streaming needs exactly one prompt")
     check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")  # the tokenizer is not changed
-    limit = model.config.max_position_embeddings
-    if model.config.position_embedding_type == "learned" and batch["input_ids"].shape[1] + max_new_tokens > limit:
-        raise UserError(f"prompt ({batch['input_ids'].shape[1]} tokens) + --max-new-tokens {max_new_tokens} exceeds "
-                        f"this model's {limit} learned positions; shorten the prompt or lower --max-new-tokens")
+    check_length(model.config, batch["input_ids"].shape[1], max_new_tokens)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
     torch.manual_seed(seed)
