@@ -24,6 +24,12 @@ TRAIN = ["--preset", "tiny", *micro(positions=64), "--train.seq_len", "32", "--t
          "--train.precision", "fp32", "--train.optimizer", "adamw", "--train.schedule", "cosine"]
 
 
+# peak RSS of the child itself: VmHWM belongs to the process's own memory map (new at exec), while
+# getrusage's ru_maxrss carries the parent's figure across fork + exec (pytest's, after building the input)
+PEAK = ("PEAK_MB = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) "
+        "// 1024\n")
+
+
 def snapshot(root: Path) -> dict[str, str]:
     """Every file under root with its sha256 (what must survive a refused command)."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -138,6 +144,11 @@ def case(world, tmp_path, name):
         chat = ["--chat"] if "chat" in name else []
         return ["generate", "--model", model, "--prompt", "x", "--max-new-tokens", "100000", *chat],\
             ["100000", "positions", "llamaforge extend"]
+    if name == "export-garbage-weights":  # not a safetensors file at all, behind the right name
+        shutil.copytree(run / "final", tmp_path / "m")
+        (tmp_path / "m" / "model.safetensors").write_bytes(os.urandom(4096))
+        return ["export", "--model", tmp_path / "m", "--format", "llama", "--out", tmp_path / "o"],\
+            ["model.safetensors", "damaged"]
     if name in ("generate-truncated-weights", "eval-truncated-weights"):
         shutil.copytree(run / "final", tmp_path / "m")
         weights = tmp_path / "m" / "model.safetensors"
@@ -161,7 +172,7 @@ CASES = ["prepare-into-user-folder", "prepare-force-user-folder", "init-into-use
          "generate--top-p=0", "gpt2-prompt-longer-than-positions", "resume-with-another-shape",
          "train-data-is-a-hub-name", "train.time_limit=soon", "resume-with-another-optimizer",
          "generate-past-the-positions", "generate-chat-past-the-positions", "generate-truncated-weights",
-         "eval-truncated-weights"]
+         "eval-truncated-weights", "export-garbage-weights"]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -277,9 +288,9 @@ def test_mmlu_cache_folders_differ_for_different_subject_lists():
 def test_a_huge_single_line_document_is_tokenized_in_bounded_memory(tmp_path):
     text = " ".join(f"word{i % 1000}" for i in range(2_500_000))  # ~22 MB on one line
     (tmp_path / "big.txt").write_text(text)
-    code = ("import resource, sys; from llamaforge.data.prepare import prepare; "
+    code = (PEAK + "import sys; from llamaforge.data.prepare import prepare; "
             "m = prepare(sys.argv[1], sys.argv[2], workers=0, progress=False, val_fraction=0); "
-            "print(m['splits']['train']['tokens'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+            "print(m['splits']['train']['tokens'], PEAK_MB())")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.txt"), str(tmp_path / "d")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -348,11 +359,12 @@ def test_text_without_spaces_tokenized_in_windows_gives_the_same_ids(mistral, mo
 
 @pytest.mark.slow  # ~1 min: 40 MB of Chinese through the tokenizer
 def test_a_40_mb_document_without_spaces_stays_under_1_gb(tmp_path):
-    text = "".join("的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年"[(i * 7) % 31] for i in range(14_000_000))
+    chars = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年"
+    text = "".join(chars[(i * 7 + i // 31) % len(chars)] for i in range(14_000_000))
     (tmp_path / "zh.txt").write_text(text)  # 42 MB of UTF-8, one line, no space
-    code = ("import resource, sys; from llamaforge.data.prepare import prepare; "
+    code = (PEAK + "import sys; from llamaforge.data.prepare import prepare; "
             "m = prepare(sys.argv[1], sys.argv[2], workers=0, progress=False, val_fraction=0); "
-            "print(m['splits']['train']['tokens'], resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+            "print(m['splits']['train']['tokens'], PEAK_MB())")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "zh.txt"), str(tmp_path / "d")],
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
