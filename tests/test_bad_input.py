@@ -24,10 +24,18 @@ TRAIN = ["--preset", "tiny", *micro(positions=64), "--train.seq_len", "32", "--t
          "--train.precision", "fp32", "--train.optimizer", "adamw", "--train.schedule", "cosine"]
 
 
-# peak RSS of the child itself: VmHWM belongs to the process's own memory map (new at exec), while
-# getrusage's ru_maxrss carries the parent's figure across fork + exec (pytest's, after building the input)
-PEAK = ("PEAK_MB = lambda: int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) "
-        "// 1024\n")
+def prepare_peak(source: Path, out: Path) -> tuple[int, int]:
+    """(train tokens, peak RSS in MB) of `prepare(source, out)` in a fresh process. The peak is the
+    child's own VmHWM (its memory map is new at exec); getrusage's ru_maxrss carries the parent's
+    figure across fork + exec (pytest's, after it built the input)."""
+    code = ("import sys; from llamaforge.data.prepare import prepare; "
+            "m = prepare(sys.argv[1], sys.argv[2], workers=0, progress=False, val_fraction=0); "
+            "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')); "
+            "print(m['splits']['train']['tokens'], int(hwm.split()[1]) // 1024)")
+    done = subprocess.run([sys.executable, "-c", code, str(source), str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    tokens, peak_mb = map(int, done.stdout.split())
+    return tokens, peak_mb
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -288,13 +296,7 @@ def test_mmlu_cache_folders_differ_for_different_subject_lists():
 def test_a_huge_single_line_document_is_tokenized_in_bounded_memory(tmp_path):
     text = " ".join(f"word{i % 1000}" for i in range(2_500_000))  # ~22 MB on one line
     (tmp_path / "big.txt").write_text(text)
-    code = (PEAK + "import sys; from llamaforge.data.prepare import prepare; "
-            "m = prepare(sys.argv[1], sys.argv[2], workers=0, progress=False, val_fraction=0); "
-            "print(m['splits']['train']['tokens'], PEAK_MB())")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "big.txt"), str(tmp_path / "d")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    tokens, peak_mb = map(int, done.stdout.split())
+    tokens, peak_mb = prepare_peak(tmp_path / "big.txt", tmp_path / "d")
     assert tokens > 2_500_000
     assert peak_mb < 1000, f"peak RSS {peak_mb} MB"  # measured ~650 MB for a 47 MB line (was 4.3 GB)
 
@@ -362,13 +364,7 @@ def test_a_40_mb_document_without_spaces_stays_under_1_gb(tmp_path):
     chars = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年"
     text = "".join(chars[(i * 7 + i // 31) % len(chars)] for i in range(14_000_000))
     (tmp_path / "zh.txt").write_text(text)  # 42 MB of UTF-8, one line, no space
-    code = (PEAK + "import sys; from llamaforge.data.prepare import prepare; "
-            "m = prepare(sys.argv[1], sys.argv[2], workers=0, progress=False, val_fraction=0); "
-            "print(m['splits']['train']['tokens'], PEAK_MB())")
-    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "zh.txt"), str(tmp_path / "d")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    tokens, peak_mb = map(int, done.stdout.split())
+    tokens, peak_mb = prepare_peak(tmp_path / "zh.txt", tmp_path / "d")
     assert tokens > 1_000_000
     assert peak_mb < 1000, f"peak RSS {peak_mb} MB"
 

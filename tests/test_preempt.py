@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.gpu_check import _descendants
 from helpers import TOLERANCE, micro, stories_data
 from llamaforge.config import load_config, parse_duration
 from llamaforge.data.loader import PretrainBatches
@@ -158,23 +159,6 @@ def test_sigterm_at_random_moments_then_the_same_command(data, tmp_path):
     assert losses(run) == want
 
 
-def _descendants(pid: int) -> set[int]:
-    """Processes below `pid` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.add(c)
-            todo.append(c)
-    return out
-
-
 @pytest.mark.slow  # ~35 s, three torchrun launches; CI runs the slow tier
 @pytest.mark.torchcompat
 @needs_torchrun
@@ -193,7 +177,7 @@ def test_sigterm_to_torchrun_saves_together_and_resumes_exactly(data, tmp_path):
     deadline = time.time() + 180
     while 3 not in losses(run) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    workers = _descendants(proc.pid)
+    workers = set(_descendants(proc.pid))
     assert len(workers) >= 2, workers
     signalled = time.time()
     proc.send_signal(signal.SIGTERM)
