@@ -178,3 +178,30 @@ def test_loader_resumes_exactly_and_shards_without_overlap():
         assert np.array_equal(np.concatenate([win(r.next_batch()) for r in ranks]), b)
     with pytest.raises(Exception, match="seq_len"):
         TokenWindows(tokens, 8, 4, seed=7).load_state_dict(first.state_dict())
+
+
+def test_prefetched_batches_are_the_loaders_and_its_state_is_the_handed_out_ones():
+    """The read-ahead thread changes nothing a run sees: the same batches in order, a state that
+    resumes with exactly the next batch (not the one read ahead), errors surfacing at their step."""
+    from llamaforge.data.loader import Prefetched
+
+    tokens = np.arange(37 * 16 + 1, dtype=np.uint16)
+    plain = TokenWindows(tokens, 16, 4, seed=7)
+    want = [win(plain.next_batch()) for _ in range(12)]
+    ahead = Prefetched(TokenWindows(tokens, 16, 4, seed=7))
+    got = [win(ahead.next_batch()) for _ in range(5)]
+    state = json.loads(json.dumps(ahead.state_dict()))
+    assert state["consumed"] == 5 * 4 and all(np.array_equal(a, b) for a, b in zip(got, want))
+    resumed = Prefetched(TokenWindows(tokens, 16, 4, seed=7))
+    resumed.next_batch()  # a read-ahead is in flight when the state is loaded
+    resumed.load_state_dict(state)
+    assert all(np.array_equal(win(resumed.next_batch()), b) for b in want[5:])
+    ahead.close()
+    resumed.close()
+
+    class Broken(TokenWindows):
+        def next_batch(self):
+            raise ValueError("disk gone")
+
+    with pytest.raises(ValueError, match="disk gone"):
+        Prefetched(Broken(tokens, 16, 4)).next_batch()

@@ -69,3 +69,21 @@ def test_rope_keeps_the_activation_dtype_under_autocast(small_model, ids):
     x = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
     cos, sin = rope_cos_sin(torch.arange(5)[None], 8, 10000.0, 1.0, torch.float32)
     assert apply_rope(x, cos, sin).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name, dtype, tflops", [
+    ("NVIDIA H100 80GB HBM3", torch.bfloat16, 989), ("NVIDIA H100 PCIe", torch.bfloat16, 756),
+    ("NVIDIA H100 NVL", torch.bfloat16, 835), ("NVIDIA H200", torch.bfloat16, 989),
+    ("NVIDIA A100-SXM4-40GB", torch.bfloat16, 312), ("NVIDIA L4", torch.bfloat16, 121),
+    ("NVIDIA L40", torch.bfloat16, 181), ("NVIDIA L40S", torch.bfloat16, 362), ("NVIDIA A10", torch.bfloat16, 125),
+    ("NVIDIA A10G", torch.bfloat16, None), ("Tesla T4", torch.float16, 65), ("Tesla T4", torch.bfloat16, None),
+    ("Tesla V100-SXM2-16GB", torch.float16, 125), ("NVIDIA GeForce RTX 4090", torch.bfloat16, 165),
+    ("NVIDIA GeForce RTX 4090 D", torch.bfloat16, None), ("NVIDIA B200", torch.bfloat16, None),
+])
+def test_mfu_peaks_match_the_exact_gpu_name(name, dtype, tflops):
+    """A name fragment matched by substring gave an L40 the L4's peak, an H100 NVL the PCIe figure and an
+    A10G the A10's; names match exactly now, and an unknown card falls back to a timed matmul."""
+    from llamaforge.train.metrics import spec_peak_flops
+
+    got = spec_peak_flops(name, dtype)
+    assert (None if got is None else got / 1e12) == tflops

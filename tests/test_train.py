@@ -247,6 +247,50 @@ def test_compiled_training_matches_eager(data, tmp_path, precision):
     assert len(val[1]) == 1 and abs(val[0][0] - val[1][0]) <= max(1e-4, TOLERANCE[precision])
 
 
+def test_evaluation_and_sampling_add_no_graphs_to_a_compiled_run(data, tmp_path, monkeypatch):
+    """Evaluation and the sample run eager (torch.compiler.set_stance) inside a compiled run: dynamo's
+    graph count is the training graphs' alone, so no recompilation per layer or per cache length. The
+    blocks compile with dynamo's "eager" backend here: the graphs are the frontend's, the test stays fast."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from llamaforge.config import load_config
+    from llamaforge.train import loop
+
+    monkeypatch.setattr(loop, "compile_blocks", lambda m: [b.compile(backend="eager") for b in m.model.layers])
+    over = [a.lstrip("-").replace("batch-tokens", "train.batch_tokens").replace("lr", "train.lr") + "=" + b
+            for a, b in zip(MICRO[::2], MICRO[1::2])] + ["train.compile=true", "train.max_steps=3", "train.save_every=0"]
+    graphs = []
+    for every in (0, 1):  # without, then with an evaluation and a sample after every step
+        torch._dynamo.reset()
+        counters.clear()
+        pretrain(load_config("tiny", overrides=over + [f"train.eval_every={every}"]), data, tmp_path / f"r{every}",
+                 progress=False)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert graphs[0] > 0 and graphs[1] == graphs[0], graphs
+    assert len([r for r in read_metrics(tmp_path / "r1") if r["type"] == "sample"]) == 3
+
+
+@pytest.mark.torchcompat
+@pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed")
+@pytest.mark.parametrize("precision", [p for p in PRECISIONS if getattr(p, "values", [p])[0] == "bf16"])
+def test_fsdp2_bf16_does_not_round_the_token_count(data, tmp_path, precision):
+    """630 targets a step (2 ranks x 5 windows of 63): bf16 rounds 630 to 632. FSDP2's mixed precision
+    casts floating-point forward inputs to bf16; the count is an integer tensor, so the first step's
+    loss (the same bf16 weights in both runs) equals one process's."""
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    args = ["--max-steps", 1, "--save-every", 0, "--eval-every", 0, "--train.precision", precision,
+            "--train.seq_len", 63, "--batch-tokens", 630, "--train.micro_batch", 5]
+    subprocess.run(train_cmd(data, one, *args), check=True, capture_output=True)
+    torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m",
+                "llamaforge"]
+    done = subprocess.run(torchrun + train_cmd(data, fsdp, *args, "--train.fsdp", "true")[3:], capture_output=True,
+                          text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = losses(one)[1], losses(fsdp)[1]
+    assert abs(a - b) <= 2e-3 * a, (a, b)  # the rounded count was 0.3% off
+
+
 @pytest.mark.slow
 def test_stress_sigkill_at_random_moments_then_resume_is_exact(data, tmp_path):
     """Kill at random moments (between steps, inside a checkpoint write, right after a rename, during

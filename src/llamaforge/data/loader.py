@@ -10,6 +10,8 @@ continues with exactly the next batch. The file is a read-only memmap, so proces
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -37,6 +39,8 @@ class EpochOrder:
 
 
 class TokenWindows:
+    bytes_per_token: float | None = None  # PretrainBatches knows it from meta.json
+
     def __init__(self, tokens: np.ndarray, seq_len: int, seqs_per_step: int, rank: int = 0, world: int = 1,
                  seed: int = 0):
         if seqs_per_step % world:
@@ -109,3 +113,51 @@ class PretrainBatches(TokenWindows):
 
     def eval_batches(self):
         return eval_windows(self.val, self.seq_len, self.eval_tokens, self.eval_batch)
+
+
+class Prefetched:
+    """Any loader, with the next step's batch read in a background thread while this step trains
+    (and, for CUDA, copied into pinned memory there, contiguous, so the host-to-device copy is
+    asynchronous). `state_dict` is the state after the last batch handed out, not after the one
+    being read ahead, so a checkpoint resumes with exactly the next batch."""
+
+    def __init__(self, inner, pin: bool = False):
+        self.inner, self.pin = inner, pin
+        self.bytes_per_token = inner.bytes_per_token
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="llamaforge-prefetch")
+        self._ahead = None
+        self._state = inner.state_dict()
+
+    def _read(self):
+        x, y = self.inner.next_batch()
+        if self.pin:
+            x, y = x.contiguous().pin_memory(), y.contiguous().pin_memory()
+        return (x, y), self.inner.state_dict()
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, self._state = (self._ahead or self._pool.submit(self._read)).result()
+        self._ahead = self._pool.submit(self._read)
+        return batch
+
+    def state_dict(self) -> dict:
+        return self._state
+
+    def load_state_dict(self, state: dict) -> None:
+        self._drain()
+        self.inner.load_state_dict(state)
+        self._state = self.inner.state_dict()
+
+    def eval_batches(self):
+        return self.inner.eval_batches()
+
+    def _drain(self) -> None:
+        if self._ahead is not None:
+            try:
+                self._ahead.result()  # a read-ahead's error belongs to a step that never came
+            except Exception:  # noqa: BLE001
+                pass
+            self._ahead = None
+
+    def close(self) -> None:
+        self._drain()
+        self._pool.shutdown(wait=True)

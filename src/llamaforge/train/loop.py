@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, micro_batch_for, parse_duration, save_config
+from ..data.loader import Prefetched
 from ..errors import UserError, require_extra
 from ..eval.loss import windowed_loss
 from ..fsutil import atomic_write_bytes
@@ -36,7 +37,8 @@ from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, tra
 from .optim import build_optimizer, build_scheduler, decay_start
 from .preempt import SIGNALS, StopFlag, Stopped
 from .precision import choose as choose_precision
-from .step import StepStats, train_step
+from .precision import tf32_matmuls
+from .step import StepStats, split_micro, train_step
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +64,18 @@ class TrainResult:
     step: int
 
 
-def split_micro(batch: tuple[torch.Tensor, torch.Tensor], micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(inputs, targets) -> micro-batches of at most `micro` rows."""
-    x, y = batch
-    return [(x[i : i + micro], y[i : i + micro]) for i in range(0, len(x), micro)]
-
-
 @torch.no_grad()
-def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tokens: int = 32) -> str:
+def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tokens: int = 32,
+                synced: bool = False) -> str:
+    """Greedy continuation of `prompt`. `synced`: FSDP2 ranks keep stepping together until every rank
+    is done (each forward all-gathers the weights, so a rank stopping early at EOS would hang the rest)."""
     was_training = model.training
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     room = model.config.max_position_embeddings - ids.shape[1]  # never past the model's positions (README: train)
     if room < 1:
         return ""
-    out = model.generate(ids, max_new_tokens=min(max_new_tokens, room), do_sample=False,
+    out = model.generate(ids, max_new_tokens=min(max_new_tokens, room), do_sample=False, synced_gpus=synced,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
@@ -146,7 +145,7 @@ class Trainer:
         self.model, self.progress = model, progress
         check_runnable(cfg, model.config, d.world)
         usable, continued, rejected = ckpt.choose(self.t, run_dir, d, resume)
-        self.batches = batches_factory(d.rank, d.world)
+        self.batches = Prefetched(batches_factory(d.rank, d.world), pin=d.device.type == "cuda")
         self.step, self.tokens_seen, self.bad_streak = 0, 0, 0
         self.slowest_step_s, self.slowest_save_s, self.steps_here = 0.0, 0.0, 0  # for train.time_limit
         self.saved_step: int | None = None  # the step of the checkpoint on disk that this process wrote or resumed
@@ -260,6 +259,7 @@ class Trainer:
                     self.slowest_step_s = max(self.slowest_step_s, time.perf_counter() - start)
         finally:
             bar.close()
+            self.batches.close()
         return self.finish(stopped)
 
     def stop_reason(self) -> str | None:
@@ -275,9 +275,7 @@ class Trainer:
     def train_one_step(self, bar) -> None:
         t = self.t
         start = time.perf_counter()  # the batch's loading counts (a slow filesystem shows in tokens/s)
-        batch = self.batches.next_batch()
-        if self.d.device.type == "cuda":  # pinned once, so each micro-batch's copy is asynchronous
-            batch = (batch[0].contiguous().pin_memory(), batch[1].contiguous().pin_memory())
+        batch = self.batches.next_batch()  # read ahead during the previous step; the wait counts
         stats = train_step(self.wrapped, self.optimizer, split_micro(batch, self.micro_batch), t.grad_clip,
                            self.d.device, self.d.all_reduce if self.d.world > 1 else None, self.d.world,
                            self.precision, self.scaler)
@@ -311,7 +309,13 @@ class Trainer:
                             "lower --lr, raise warmup_steps or check the data")
 
     def evaluate(self) -> None:
-        """Validation loss and bits per byte (windows split over DDP ranks), and the sample."""
+        """Validation loss and bits per byte (windows split over DDP ranks), and the sample: eager even
+        when the blocks are compiled (no-grad forwards and the growing KV cache would each need graphs
+        of their own, past dynamo's recompile limit), TF32 matmuls for fp32 on CUDA."""
+        with torch.compiler.set_stance("force_eager"), tf32_matmuls(self.d.device, self.precision.name == "fp32"):
+            self.validate_and_sample()
+
+    def validate_and_sample(self) -> None:
         d, sharded = self.d, self.sharded
         eval_batches = self.batches.eval_batches()
         if d.world > 1 and not sharded:  # each rank scores its share of the windows; FSDP needs every rank
@@ -326,7 +330,7 @@ class Trainer:
             values["val_bpb"] = loss / math.log(2) / self.batches.bytes_per_token
         self.metrics.log("eval", self.step, **values)
         if self.t.sample_prompt:
-            text = sample_text(self.eval_model, self.tokenizer, self.t.sample_prompt, d.device)
+            text = sample_text(self.eval_model, self.tokenizer, self.t.sample_prompt, d.device, synced=sharded)
             self.metrics.log("sample", self.step, prompt=self.t.sample_prompt, text=text)
 
     def state_dict(self) -> dict:

@@ -64,22 +64,31 @@ def matmul_peak_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, b
         size *= 2
 
 
-# dense (no sparsity) tensor-core peaks from the vendors' data sheets, TFLOP/s, by dtype
-SPEC_TFLOPS = {  # name fragment: (bf16, fp16, fp32 [tf32 off])
-    "H200": (989, 989, 67), "H100 SXM": (989, 989, 67), "H100 80GB HBM3": (989, 989, 67), "H100 PCIe": (756, 756, 51),
-    "H100": (756, 756, 51), "A100": (312, 312, 19.5), "L40S": (362, 362, 91.6), "L4": (121, 121, 30.3),
+# Dense (no sparsity) tensor-core peaks from the vendors' data sheets, TFLOP/s: (bf16, fp16, fp32 with
+# TF32 off); 0 = no such units. Keyed by the name torch.cuda.get_device_name() reports, without the
+# "NVIDIA " / "Tesla " / "GeForce " prefix, and matched EXACTLY: "L40" is not an L4, "H100 NVL" not a
+# PCIe H100, "A10G" (AWS's, no public data sheet) not an A10. A card not listed falls back to a timed
+# matmul, and the `started` event says which.
+SPEC_TFLOPS = {
+    "H200": (989, 989, 67), "H200 NVL": (835, 835, 60), "H100 80GB HBM3": (989, 989, 67),
+    "H100 SXM5 80GB": (989, 989, 67), "H100 PCIe": (756, 756, 51), "H100 NVL": (835, 835, 60),
+    "A100-SXM4-80GB": (312, 312, 19.5), "A100-SXM4-40GB": (312, 312, 19.5), "A100-PCIE-40GB": (312, 312, 19.5),
+    "A100 80GB PCIe": (312, 312, 19.5), "L40S": (362, 362, 91.6), "L40": (181, 181, 90.5), "L4": (121, 121, 30.3),
     "A10": (125, 125, 31.2), "RTX 4090": (165, 165, 82.6), "RTX 3090": (71, 71, 35.6), "T4": (0, 65, 8.1),
-    "V100": (0, 125, 15.7),
+    "V100-SXM2-16GB": (0, 125, 15.7), "V100-SXM2-32GB": (0, 125, 15.7), "V100-PCIE-16GB": (0, 112, 14),
+    "V100-PCIE-32GB": (0, 112, 14),
 }
+_PREFIXES = ("NVIDIA ", "Tesla ", "GeForce ")
 
 
 def spec_peak_flops(name: str, dtype: torch.dtype) -> float | None:
-    """The data-sheet peak of a GPU (by name) for `dtype`, FLOP/s; None when unknown."""
+    """The data-sheet peak of a GPU (by its exact reported name) for `dtype`, FLOP/s; None when unknown."""
+    key = name.strip()
+    for prefix in _PREFIXES:
+        key = key.removeprefix(prefix)
     col = {torch.bfloat16: 0, torch.float16: 1}.get(dtype, 2)
-    for key in sorted(SPEC_TFLOPS, key=len, reverse=True):  # most specific name first
-        if key in name and SPEC_TFLOPS[key][col]:
-            return SPEC_TFLOPS[key][col] * 1e12
-    return None
+    peak = SPEC_TFLOPS.get(key, (0, 0, 0))[col]
+    return peak * 1e12 if peak else None
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:

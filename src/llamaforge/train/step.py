@@ -20,6 +20,12 @@ class StepStats:
     skipped: bool  # non-finite loss or gradient: no update
 
 
+def split_micro(batch: tuple[torch.Tensor, torch.Tensor], micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(inputs, targets) -> micro-batches of at most `micro` rows."""
+    x, y = batch
+    return [(x[i : i + micro], y[i : i + micro]) for i in range(0, len(x), micro)]
+
+
 def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=None, all_reduce=None,
                world: int = 1, precision: Precision | None = None, scaler=None) -> StepStats:
     """`micro_batches`: list of (inputs, targets) of shape (b, T); targets -100 are ignored.
@@ -32,7 +38,9 @@ def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=N
     device = device or next(model.parameters()).device
     autocast = precision.autocast if precision is not None else contextlib.nullcontext
     n_local = sum(int((y != -100).sum()) for _, y in micro_batches)
-    n_total = torch.tensor(float(n_local), device=device)
+    # an integer tensor: FSDP2's MixedPrecisionPolicy casts floating-point forward inputs to bf16, which
+    # rounded counts such as 257 (by up to 0.4%); the model divides by it in fp32 (exact below 2^24)
+    n_total = torch.tensor(n_local, dtype=torch.long, device=device)
     if all_reduce is not None:
         all_reduce(n_total)
     loss_sum = torch.zeros((), device=device)
