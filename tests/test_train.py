@@ -235,7 +235,7 @@ def test_activation_checkpointing_gives_the_same_gradients(small_model):
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_compiled_training_matches_eager(data, tmp_path, precision):
     """train.compile: each block compiled (inductor on CPU) gives the eager per-step losses, fp32 and
-    bf16 autocast; the compiled blocks also serve the evaluation and the sample."""
+    bf16 autocast; the evaluation runs eager (set_stance) and gives the eager validation loss."""
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     args = ["--max-steps", 2, "--save-every", 0, "--eval-every", 2, "--train.precision", precision]
     subprocess.run(train_cmd(data, eager, *args), check=True, capture_output=True)
