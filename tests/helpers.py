@@ -31,6 +31,16 @@ def micro(hidden: int = 32, layers: int = 1, intermediate: int | None = None, he
     return out
 
 
+PLAIN_FLAGS = {"--lr": "train.lr", "--batch-tokens": "train.batch_tokens", "--max-steps": "train.max_steps",
+               "--save-every": "train.save_every", "--eval-every": "train.eval_every", "--seed": "train.seed"}
+
+
+def dotlist(flags: list[str], skip: tuple[str, ...] = ()) -> list[str]:
+    """CLI flag pairs (`--model.x 3`, `--lr 0.01`) as `load_config` overrides (`model.x=3`, `train.lr=0.01`)."""
+    pairs = zip(flags[::2], flags[1::2])
+    return [f"{PLAIN_FLAGS.get(k, k.removeprefix('--'))}={v}" for k, v in pairs if k not in skip]
+
+
 def write_stories(path, n: int) -> None:
     """A deterministic JSONL corpus of `n` short stories over a 17-word vocabulary (learnable fast)."""
     words = "the cat sat on the mat while a dog ran to the park and the bird sang in the tree".split()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.gpu_check import _descendants
-from helpers import TOLERANCE, micro, stories_data
+from helpers import TOLERANCE, dotlist, micro, stories_data
 from llamaforge.config import load_config, parse_duration
 from llamaforge.data.loader import PretrainBatches
 from llamaforge.errors import UserError
@@ -37,9 +37,7 @@ def data(tmp_path_factory):
 
 
 def cfg(*over: str):
-    items = [f"{a.lstrip('-').replace('batch-tokens', 'train.batch_tokens').replace('lr', 'train.lr')}={b}"
-             for a, b in zip(MICRO[::2], MICRO[1::2])]
-    return load_config("tiny", overrides=items + list(over))
+    return load_config("tiny", overrides=dotlist(MICRO) + list(over))
 
 
 def losses(run) -> dict[int, float]:

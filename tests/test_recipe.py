@@ -11,7 +11,7 @@ from llamaforge.config import load_config, micro_batch_for
 from llamaforge.errors import UserError
 from llamaforge.runs import checkpoints, read_metrics
 from llamaforge.train.loop import check_runnable
-from llamaforge.train import optim
+from llamaforge.train import optim, precision
 from llamaforge.train.optim import MuonWithAdamW, build_optimizer, build_scheduler, decay_start, lr_factor
 from llamaforge.train.step import train_step
 from llamaforge.workflows.pretrain import pretrain
@@ -102,10 +102,10 @@ def test_newton_schulz_runs_in_the_dtype_the_hardware_is_fast_in(monkeypatch, sm
     cpu = torch.device("cpu")
     for flags, want in (({"avx2"}, torch.float32), ({"avx2", "avx512_bf16"}, torch.bfloat16),
                         ({"amx_bf16"}, torch.bfloat16)):
-        monkeypatch.setattr(optim, "cpu_flags", lambda f=flags: f)
+        monkeypatch.setattr(precision, "cpu_flags", lambda f=flags: f)
         assert optim.ns_dtype_for(cpu) == want
         assert optim.ns_dtype_for(cpu, "fp32") == torch.float32 and optim.ns_dtype_for(cpu, "bf16") == torch.bfloat16
-    monkeypatch.setattr(optim, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2"})
     model = small_model()
     assert build_optimizer(model, lr=1e-3, kind="muon").muon.ns_dtype == torch.float32
     with pytest.raises(UserError, match="muon_ns_dtype"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import PRECISIONS, TOLERANCE, assert_user_error, micro, run_cli, stories_data
+from helpers import PRECISIONS, TOLERANCE, assert_user_error, dotlist, micro, run_cli, stories_data
 from llamaforge.runs import checkpoints
 from llamaforge.runs import read_metrics
 from llamaforge.train.optim import lr_factor
@@ -133,9 +133,7 @@ def test_non_finite_steps_are_skipped_then_abort(data, tmp_path, monkeypatch):
         return StepStats(float("nan"), float("nan"), 256, True)
 
     monkeypatch.setattr(loop, "train_step", bad_step)
-    cfg = load_config("tiny", overrides=[a.lstrip("-").replace("batch-tokens", "train.batch_tokens") + "=" + b
-                                         for a, b in zip(MICRO[::2], MICRO[1::2])
-                                         if a not in ("--lr",)] + ["train.max_bad_steps=3"])
+    cfg = load_config("tiny", overrides=dotlist(MICRO, skip=("--lr",)) + ["train.max_bad_steps=3"])
     with pytest.raises(UserError, match="not finite for 3 steps"):
         pretrain(cfg, data, tmp_path / "r", progress=False)
     assert len(calls) == 3
@@ -173,8 +171,7 @@ def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
         return real(obj, path, *a, **k)
 
     monkeypatch.setattr(checkpoint.torch, "save", flaky)
-    over = [a.lstrip("-").replace("batch-tokens", "train.batch_tokens").replace("lr", "train.lr") + "=" + b
-            for a, b in zip(MICRO[::2], MICRO[1::2])]
+    over = dotlist(MICRO)
     cfg = load_config("tiny", overrides=over + ["train.max_steps=4", "train.save_every=2", "train.eval_every=0"])
     from llamaforge.errors import UserError
 
@@ -258,8 +255,7 @@ def test_evaluation_and_sampling_add_no_graphs_to_a_compiled_run(data, tmp_path,
     from llamaforge.train import loop
 
     monkeypatch.setattr(loop, "compile_blocks", lambda m: [b.compile(backend="eager") for b in m.model.layers])
-    over = [a.lstrip("-").replace("batch-tokens", "train.batch_tokens").replace("lr", "train.lr") + "=" + b
-            for a, b in zip(MICRO[::2], MICRO[1::2])] + ["train.compile=true", "train.max_steps=3", "train.save_every=0"]
+    over = dotlist(MICRO) + ["train.compile=true", "train.max_steps=3", "train.save_every=0"]
     graphs = []
     for every in (0, 1):  # without, then with an evaluation and a sample after every step
         torch._dynamo.reset()

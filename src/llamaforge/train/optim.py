@@ -25,7 +25,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import UserError
-from .precision import cpu_flags, decide
+from .precision import choose as choose_precision
 
 OPTIMIZERS = ("adamw", "muon")
 NS_DTYPES = ("auto", "bf16", "fp32")
@@ -36,11 +36,8 @@ def ns_dtype_for(device: torch.device, requested: str = "auto") -> torch.dtype:
     (AMX/AVX512-BF16 CPUs, CUDA compute capability >= 8.0), fp32 elsewhere (bf16 is emulated there)."""
     if requested not in NS_DTYPES:
         raise UserError(f"train.muon_ns_dtype {requested!r} is not one of {', '.join(NS_DTYPES)}")
-    if requested != "auto":
-        return torch.bfloat16 if requested == "bf16" else torch.float32
-    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
-    auto = decide("auto", device.type, cpu_flags() if device.type == "cpu" else set(), capability)
-    return torch.bfloat16 if auto.name == "bf16" else torch.float32
+    name = choose_precision("auto", device).name if requested == "auto" else requested
+    return torch.bfloat16 if name == "bf16" else torch.float32
 
 
 def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
@@ -61,6 +58,10 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
 
 
 _TorchMuon = getattr(torch.optim, "Muon", torch.optim.Optimizer)  # torch < 2.9 has none: loop.check_runnable refuses
+try:
+    from torch.optim._muon import _adjust_lr  # torch >= 2.9 (the same code 2.9 to 2.13; tests/test_recipe.py)
+except ImportError:
+    _adjust_lr = None
 
 
 class Muon(_TorchMuon):
@@ -84,15 +85,9 @@ class Muon(_TorchMuon):
                 update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                        self.ns_dtype)
                 p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-_adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+                p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))  # torch's own adjustment
 
 
-def _adjusted_lr(lr: float, fn: str | None, shape: torch.Size) -> float:
-    """torch.optim.Muon's LR adjustment ("original": sqrt(max(1, rows / cols)); Moonshot's RMS match)."""
-    rows, cols = shape[:2]
-    if fn is None or fn == "original":
-        return lr * math.sqrt(max(1, rows / cols))
-    return lr * (0.2 * math.sqrt(max(rows, cols)) if fn == "match_rms_adamw" else 1.0)
 
 
 def _adamw(groups, lr, betas, device) -> torch.optim.AdamW:
