@@ -225,6 +225,22 @@ def muon_step(args) -> dict:
 
 
 @benchmark
+def muon_ddp(args) -> dict:
+    """Muon's Newton-Schulz shared over 2 gloo ranks against every rank doing all (benchmarks/throughput.py)."""
+    from benchmarks import throughput
+
+    return throughput.muon_ddp(args, report, BENCH_MODEL)
+
+
+@benchmark
+def prefetch(args) -> dict:
+    """The read-ahead loader against synchronous reads, local and slowed (benchmarks/throughput.py)."""
+    from benchmarks import throughput
+
+    return throughput.prefetch(args, interleaved, report)
+
+
+@benchmark
 def recipe(args) -> dict:
     """Optimizer x schedule at a fixed token budget on the `tiny` preset (benchmarks/recipe.py)."""
     from benchmarks import recipe as bench_recipe

@@ -117,3 +117,49 @@ def stories_data(root, n: int):
     write_stories(root / "c.jsonl", n)
     prepare(str(root / "c.jsonl"), root / "d", val_fraction=0.05, workers=0, progress=False)
     return root / "d"
+
+
+def muon_split_worker(rank: int, world: int, port: int, ns_dtype, out: str) -> None:
+    """One gloo rank of tests/test_recipe.py's split-Newton-Schulz check: the same matrices and
+    gradients on every rank, 3 steps of Muon with `split=True`; rank 0 saves the parameters."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    from llamaforge.train.optim import Muon
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        params, opt, gen = muon_params(ns_dtype, split=True)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        if rank == 0:
+            torch.save([p.detach() for p in params] + [opt.state_dict()], out)
+    finally:
+        dist.destroy_process_group()
+
+
+def muon_params(ns_dtype, split: bool = False):
+    """Tall, wide and square matrices (uneven sizes, so the ranks' shares differ) and our Muon on them."""
+    import torch
+
+    from llamaforge.train.optim import Muon
+
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(48, 16), (16, 40), (24, 24), (8, 8), (40, 8)]
+    params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
+    opt = Muon(params, ns_dtype=ns_dtype, split=split, lr=0.02, weight_decay=0.01, momentum=0.95,
+               adjust_lr_fn="original")
+    return params, opt, gen
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

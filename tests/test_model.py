@@ -160,3 +160,56 @@ def test_fused_training_loss_matches_plain_cross_entropy(small_model, ids, tied)
     t = torch.randint(0, 50, (5, 8))
     torch.testing.assert_close(linear_cross_entropy(h, w, t, chunk=7),
                                torch.nn.functional.cross_entropy((h @ w.t()).flatten(0, 1), t.flatten()))
+
+
+def _needs_inductor():
+    from llamaforge.train.compiling import inductor_problem
+
+    problem = inductor_problem(torch.device("cpu"))
+    if problem:
+        pytest.skip(f"torch.compile cannot build CPU kernels here: {problem}")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_compiled_loss_chunks_give_the_eager_loss_and_gradients(autocast):
+    """The fused head + loss with its per-chunk math compiled (train.compile_loss): the same loss and
+    the same, non-zero gradients as eager, in fp32 and under bf16 autocast (one head cast for all
+    chunks), with ignored targets and a short last chunk."""
+    from llamaforge.model.hf.modeling_llamaforge import linear_cross_entropy
+
+    _needs_inductor()
+    g = torch.Generator().manual_seed(0)
+    h0, w0 = torch.randn(3, 50, 32, generator=g), torch.randn(300, 32, generator=g) * 0.1
+    t = torch.randint(0, 300, (3, 50), generator=g)
+    t[1, :20] = -100
+    out = []
+    for compiled in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss = linear_cross_entropy(h, w, t, num_items_in_batch=130, chunk=64, compiled=compiled)
+        loss.backward()
+        out.append((loss.detach(), h.grad, w.grad))
+    tol = dict(atol=2e-2, rtol=2e-2) if autocast else dict(atol=1e-5, rtol=1e-4)
+    for a, b in zip(*out):
+        torch.testing.assert_close(b, a, **tol)
+    assert out[1][1].abs().sum() > 0 and out[1][2].abs().sum() > 0
+
+
+def test_a_whole_compiled_model_trains_with_the_eager_gradients(small_model, ids):
+    """Regression for the CUDA failure (torch.compile turned the fused loss's gradients into zeros):
+    the whole model under torch.compile, its fused loss eager or with compiled chunks, gives eager's
+    loss and non-zero gradients for every parameter. Runs wherever inductor runs."""
+    _needs_inductor()
+    targets = ids.roll(-1, 1)
+    ref = small_model()
+    ref.train()
+    ref(ids, shift_labels=targets).loss.backward()
+    for compiled_loss in (False, True):
+        m = small_model()
+        m.train()
+        m.compiled_loss = compiled_loss
+        loss = torch.compile(m)(ids, shift_labels=targets).loss
+        loss.backward()
+        for (k, p), q in zip(m.named_parameters(), ref.parameters()):
+            assert p.grad is not None and p.grad.abs().sum() > 0, k
+            torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-3)

@@ -87,3 +87,41 @@ def test_mfu_peaks_match_the_exact_gpu_name(name, dtype, tflops):
 
     got = spec_peak_flops(name, dtype)
     assert (None if got is None else got / 1e12) == tflops
+
+
+def test_compile_auto_compiles_where_it_pays_and_says_why(monkeypatch):
+    """train.compile auto: eager for short runs and where inductor cannot build kernels, compiled
+    otherwise; the fused loss's chunks with it on CPUs, never by auto on CUDA (not yet measured on a
+    GPU); an explicit true that cannot work is one line naming the fix. YAML's true/false are accepted."""
+    from llamaforge.config import load_config
+    from llamaforge.errors import UserError
+    from llamaforge.train import compiling
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(compiling, "_PROBED", {"cpu": "", "cuda": ""})
+    short = compiling.choose("auto", "auto", cpu, compiling.MIN_STEPS - 1)
+    assert (short.blocks, short.loss, short.label()) == (False, False, "eager") and "too few" in short.reason
+    long = compiling.choose("auto", "auto", cpu, 600)
+    assert (long.blocks, long.loss) == (True, True) and long.label() == "compiled: blocks + fused loss"
+    gpu = compiling.choose("auto", "auto", cuda, 2000)
+    assert (gpu.blocks, gpu.loss) == (True, False)
+    assert compiling.choose("auto", "true", cuda, 2000).loss is True  # asked for: gpu-check's second run
+    assert compiling.choose("false", "auto", cpu, 600).blocks is False
+    assert compiling.choose("true", "false", cpu, 10).label() == "compiled: blocks"
+    monkeypatch.setattr(compiling, "_PROBED", {"cpu": "CalledProcessError: g++ not found"})
+    broken = compiling.choose("auto", "auto", cpu, 600)
+    assert (broken.blocks, broken.loss) == (False, False) and "g++ not found" in broken.reason
+    with pytest.raises(UserError, match="train.compile is true but torch.compile cannot build kernels here.*g\\+\\+"):
+        compiling.choose("true", "auto", cpu, 600)
+    assert load_config("llama-150m").train.compile == "true"  # the preset's YAML `true`
+    assert load_config(overrides=["train.compile=false"]).train.compile == "false"
+    with pytest.raises(UserError, match="train.compile 'sometimes' is not one of auto, true, false"):
+        load_config(overrides=["train.compile=sometimes"])
+
+
+def test_the_inductor_probe_reports_a_broken_compiler(monkeypatch):
+    from llamaforge.train import compiling
+
+    monkeypatch.setattr(compiling, "_PROBED", {})
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no C++ compiler\nmore")))
+    assert compiling.inductor_problem(torch.device("cpu")) == "RuntimeError: no C++ compiler"

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from helpers import stories_data
+from helpers import free_port, muon_params, muon_split_worker, stories_data
 from llamaforge.config import load_config, micro_batch_for
 from llamaforge.errors import UserError
 from llamaforge.runs import checkpoints, read_metrics
@@ -96,6 +96,26 @@ def test_our_muon_is_torchs_muon_with_newton_schulz_in_the_fast_dtype():
         sa, sb = theirs.state_dict(), ours.state_dict()
         assert sa["param_groups"] == sb["param_groups"] and sa["state"].keys() == sb["state"].keys()
         theirs.load_state_dict(sb)  # the state dicts are interchangeable
+
+
+def test_muon_shares_newton_schulz_over_ranks_out_by_cost_and_gathers_it_exactly(tmp_path):
+    """2 gloo processes, each orthogonalizing its share of the matrices: parameters and state dict
+    equal (bit for bit) to one process doing all of them, in fp32 and bf16."""
+    assert optim.owners([(64, 64), (8, 8), (8, 8), (32, 32)], 2) == [0, 1, 1, 1]  # 262k vs 33k + 1k + 1k
+    assert sorted(set(optim.owners([(4, 4)] * 6, 3))) == [0, 1, 2]
+    for ns_dtype in (torch.float32, torch.bfloat16):
+        out = tmp_path / f"{ns_dtype}.pt"
+        torch.multiprocessing.spawn(muon_split_worker, args=(2, free_port(), ns_dtype, str(out)), nprocs=2)
+        *split, state = torch.load(out)
+        params, opt, gen = muon_params(ns_dtype)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        for p, q in zip(params, split):
+            assert torch.equal(p.detach(), q)
+        for k, v in opt.state_dict()["state"].items():
+            assert torch.equal(v["momentum_buffer"], state["state"][k]["momentum_buffer"])
 
 
 def test_newton_schulz_runs_in_the_dtype_the_hardware_is_fast_in(monkeypatch, small_model):

@@ -64,7 +64,8 @@ class TrainConfig:
     keep_last: int = 2
     seed: int = 1337
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (train/precision.py: chosen from the hardware)
-    compile: bool = False
+    compile: str = "auto"  # auto | true | false: torch.compile the blocks (auto: where it pays, train/compiling.py)
+    compile_loss: str = "auto"  # auto | true | false: compile the fused head + loss's chunks (auto: on CPU with compile)
     activation_checkpointing: bool = False
     fsdp: bool = False
     time_limit: Optional[str] = None  # e.g. 11h30m: stop with a checkpoint before a session's hard limit (exit 75)
@@ -124,7 +125,8 @@ _NON_NEGATIVE = ("min_lr_ratio", "warmup_steps", "weight_decay", "muon_weight_de
                  "save_every")
 _CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
             "muon_ns_dtype": ("auto", "bf16", "fp32"), "schedule": ("cosine", "wsd"),
-            "decay_shape": ("linear", "1-sqrt")}
+            "decay_shape": ("linear", "1-sqrt"), "compile": ("auto", "true", "false"),
+            "compile_loss": ("auto", "true", "false")}
 MICRO_TOKENS = 8192  # the derived micro-batch holds at most this many tokens (a memory cap)
 
 
@@ -168,6 +170,8 @@ def validate_train(t: TrainConfig) -> None:
             raise UserError(f"train.{name} is {getattr(t, name)}; it must be 0 or more")
     if t.micro_batch is not None and t.micro_batch <= 0:
         raise UserError(f"train.micro_batch is {t.micro_batch}; it must be positive (or leave it out to derive it)")
+    for name in ("compile", "compile_loss"):  # YAML's true/false arrive as True/False
+        setattr(t, name, str(getattr(t, name)).lower())
     for name, choices in _CHOICES.items():
         if getattr(t, name) not in choices:
             raise UserError(f"train.{name} {getattr(t, name)!r} is not one of {', '.join(choices)}")

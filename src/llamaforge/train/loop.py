@@ -32,6 +32,7 @@ from ..eval.loss import windowed_loss
 from ..fsutil import atomic_write_bytes
 from ..runs import RunRecord, config_path, describe_recipe, metrics_path, read_metrics, tokenizer_dir
 from . import checkpoint as ckpt
+from .compiling import choose as choose_compile
 from .distributed import Dist, compile_blocks, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, train_flops_per_token
 from .optim import build_optimizer, build_scheduler, decay_start
@@ -180,14 +181,17 @@ class Trainer:
         """Precision, compiled blocks, the DDP/FSDP2 wrapper, then optimizer, schedule and scaler."""
         t, d = self.t, self.d
         self.precision = choose_precision(t.precision, d.device)
-        if t.compile:  # each block, before DDP/FSDP wraps the model
+        self.compiled = choose_compile(t.compile, t.compile_loss, d.device, t.max_steps)
+        if self.compiled.blocks:  # each block, before DDP/FSDP wraps the model
             compile_blocks(self.model)
+        self.model.compiled_loss = self.compiled.loss
         self.sharded = t.fsdp and d.world > 1
         self.wrapped = wrap(self.model, d, t.fsdp, self.precision.dtype if self.precision.name == "bf16" else None)
         self.eval_model = unwrap(self.wrapped)
         # FSDP2 replaces parameters: the optimizer is built after wrapping
         self.optimizer = build_optimizer(self.wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), d.device, t.optimizer,
-                                         t.muon_lr, t.muon_momentum, t.muon_weight_decay, t.muon_ns_dtype)
+                                         t.muon_lr, t.muon_momentum, t.muon_weight_decay, t.muon_ns_dtype,
+                                         muon_split=d.world > 1)  # DDP (Muon is refused under FSDP2)
         self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule,
                                          t.decay_fraction, t.decay_shape)
         self.scaler = torch.amp.GradScaler(d.device.type) if self.precision.needs_scaler else None
@@ -229,8 +233,8 @@ class Trainer:
         self.metrics.log("event", self.step, event="started", device=device_name(d.device), world=d.world,
                          precision=p.label(), precision_reason=p.reason, fsdp=self.sharded, micro_batch=self.micro_batch,
                          recipe=describe_recipe(asdict(t)), mfu_peak_tflops=round(self.peak / 1e12, 2),
-                         mfu_peak_source=peak_source)
-        log.info("precision: %s (%s)", p.label(), p.reason)
+                         mfu_peak_source=peak_source, compile=self.compiled.label(), compile_reason=self.compiled.reason)
+        log.info("precision: %s (%s); %s (%s)", p.label(), p.reason, self.compiled.label(), self.compiled.reason)
         for path, why in rejected:
             self.metrics.log("event", self.step, event="checkpoint_invalid", checkpoint=path.name, reason=why)
         if usable:

@@ -67,27 +67,81 @@ except ImportError:
 class Muon(_TorchMuon):
     """torch.optim.Muon with Newton-Schulz in `ns_dtype` (torch's own step hard-codes bf16). The
     groups, momentum buffers, state dict and LR adjustment are torch's; the update follows torch's
-    `_single_tensor_muon` line for line."""
+    `_single_tensor_muon` line for line.
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, **kw):
+    Under DDP (`split=True` in an initialized process group) every rank holds the same averaged
+    gradients, so instead of each rank orthogonalizing all matrices, rank r orthogonalizes its
+    share (`owners`: matrices dealt out by cost) and one all-gather hands every rank the others'
+    (modded-nanogpt's and torchtitan's way). The same computation runs on the same input, so the
+    result is bit for bit the one-rank update; every rank still keeps every momentum buffer, so the
+    state dict (saved by rank 0) is unchanged."""
+
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, split: bool = False, **kw):
         super().__init__(params, **kw)
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.split = ns_dtype, split
 
     @torch.no_grad()
     def step(self, closure=None):
+        rank, world = _rank_world() if self.split else (0, 1)
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            for p, g, buf in zip(params, grads, bufs):
+            owner = owners([p.shape for p in params], world)
+            updates = []
+            for i, (g, buf) in enumerate(zip(grads, bufs)):
                 buf.lerp_(g, 1 - mu)
                 update = g.lerp(buf, mu) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype)
+                mine = owner[i] == rank
+                updates.append(newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                             self.ns_dtype) if mine else None)
+            if world > 1:
+                updates = all_gather_updates(updates, [p.shape for p in params], owner, rank, world, self.ns_dtype,
+                                             params[0].device)
+            for p, update in zip(params, updates):
                 p.mul_(1 - lr * wd)
                 p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))  # torch's own adjustment
 
 
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+
+
+def owners(shapes, world: int) -> list[int]:
+    """Which rank orthogonalizes each matrix: largest Newton-Schulz cost (m^2 n, m <= n) first, each
+    to the least loaded rank (ties: the lowest rank), so every rank does about 1/world of the work."""
+    cost = [min(s) ** 2 * max(s) for s in shapes]
+    load, out = [0] * world, [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: (-cost[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        out[i], load[r] = r, load[r] + cost[i]
+    return out
+
+
+def all_gather_updates(updates, shapes, owner, rank: int, world: int, dtype: torch.dtype,
+                       device: torch.device) -> list[torch.Tensor]:
+    """Every rank's orthogonalized matrices on every rank: each rank packs its own into one flat
+    buffer (padded to the largest share), one all_gather_into_tensor, then unpack. The bytes travel
+    as uint8, so the values arrive exactly (any backend, any dtype)."""
+    import torch.distributed as dist
+
+    sizes = [math.prod(s) for s in shapes]
+    width = max(sum(n for n, o in zip(sizes, owner) if o == r) for r in range(world))
+    mine = torch.zeros(width, dtype=dtype, device=device)
+    mine_parts = [u.reshape(-1) for u, o in zip(updates, owner) if o == rank]
+    if mine_parts:
+        torch.cat(mine_parts, out=mine[: sum(t.numel() for t in mine_parts)])
+    everyone = torch.empty(world, width, dtype=dtype, device=device)
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the new name in torch 2.13
+    gather(everyone.view(torch.uint8).view(-1), mine.view(torch.uint8))
+    offset = [0] * world
+    out = []
+    for u, o, n, s in zip(updates, owner, sizes, shapes):
+        out.append(u if o == rank else everyone[o, offset[o] : offset[o] + n].view(s))
+        offset[o] += n
+    return out
 
 
 def _adamw(groups, lr, betas, device) -> torch.optim.AdamW:
@@ -98,10 +152,10 @@ def _adamw(groups, lr, betas, device) -> torch.optim.AdamW:
 def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
                     device: torch.device | None = None, kind: str = "adamw", muon_lr: float = 0.02,
                     muon_momentum: float = 0.95, muon_weight_decay: float = 0.0,
-                    muon_ns_dtype: str = "auto") -> torch.optim.Optimizer:
+                    muon_ns_dtype: str = "auto", muon_split: bool = False) -> torch.optim.Optimizer:
     """AdamW: decay matrices (dim >= 2: linear weights, embeddings), not norms or biases.
     muon: Muon (torch's, Newton-Schulz in the hardware's fast dtype) for the blocks' 2-D matrices,
-    AdamW (as above) for everything else."""
+    AdamW (as above) for everything else; `muon_split`: Newton-Schulz shared out over the DDP ranks."""
     if kind not in OPTIMIZERS:
         raise UserError(f"train.optimizer {kind!r} is not one of {', '.join(OPTIMIZERS)}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -114,8 +168,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     adamw = _adamw([g for g in groups if g["params"]], lr, betas, device)
     if not hidden:
         return adamw
-    muon = Muon(hidden, ns_dtype=ns_dtype_for(device, muon_ns_dtype), lr=muon_lr, weight_decay=muon_weight_decay,
-                momentum=muon_momentum, adjust_lr_fn="original")
+    muon = Muon(hidden, ns_dtype=ns_dtype_for(device, muon_ns_dtype), split=muon_split, lr=muon_lr,
+                weight_decay=muon_weight_decay, momentum=muon_momentum, adjust_lr_fn="original")
     return MuonWithAdamW(muon, adamw)
 
 

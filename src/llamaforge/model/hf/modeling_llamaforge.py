@@ -242,6 +242,7 @@ class LlamaForgeForCausalLM(LlamaForgePreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = LlamaForgeModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.compiled_loss = False  # training: the fused head + loss's chunks compiled (train.compile_loss)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -288,7 +289,8 @@ class LlamaForgeForCausalLM(LlamaForgePreTrainedModel, GenerationMixin):
             shift_labels = F.pad(labels, (0, 1), value=-100)[:, 1:]
         if shift_labels is not None and self.training:
             # training: fused head + loss, the (B, T, vocab) logits are never materialized
-            loss = linear_cross_entropy(h, self.lm_head.weight, shift_labels, num_items_in_batch)
+            loss = linear_cross_entropy(h, self.lm_head.weight, shift_labels, num_items_in_batch,
+                                        compiled=self.compiled_loss)
             return _output(loss, None, past_key_values if use_cache else None)
         logits = self.lm_head(h)  # (B, T, vocab)
         loss = None if shift_labels is None else causal_lm_loss(logits, shift_labels, num_items_in_batch)
@@ -306,45 +308,71 @@ def causal_lm_loss(logits: torch.Tensor, targets: torch.Tensor, num_items_in_bat
     return loss
 
 
+def _chunk_loss_and_grads(hc, weight, tc, need_grad: bool):
+    """One chunk of the fused head + loss: the summed loss of rows `hc` (n, d) against targets `tc`
+    (n,), and when `need_grad` the gradients (softmax - onehot) @ weight and its transpose @ hc."""
+    valid = (tc != -100)[:, None]  # (n, 1)
+    idx = tc.clamp(min=0)[:, None]
+    logits = (hc @ weight.t()).float()  # (n, vocab), fp32 for the softmax
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    loss = ((lse - logits.gather(1, idx)) * valid).sum()
+    if not need_grad:
+        return loss, None, None
+    p = logits.sub_(lse).exp_()  # softmax, in place
+    p.scatter_add_(1, idx, -valid.float()).mul_(valid)  # softmax - onehot; ignored rows 0
+    p = p.to(hc.dtype)
+    return loss, p @ weight.to(hc.dtype), (p.t() @ hc).float()
+
+
+_COMPILED_CHUNK = {}
+
+
+def _compiled_chunk(hc, weight, tc, need_grad: bool):
+    """The same chunk as one compiled graph (inductor fuses the fp32 passes over the (n, vocab)
+    logits). It returns new tensors and the accumulation stays eager outside, so no gradient is
+    formed inside a traced autograd.Function."""
+    if "fn" not in _COMPILED_CHUNK:
+        _COMPILED_CHUNK["fn"] = torch.compile(_chunk_loss_and_grads, dynamic=False)
+    return _COMPILED_CHUNK["fn"](hc, weight, tc, need_grad)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Output head + cross-entropy, chunked over rows. The gradient (softmax - onehot) is formed in
     the forward pass, chunk by chunk, so the (N, vocab) logits, their log-softmax and its backward
     never exist whole: same FLOPs as lm_head + F.cross_entropy, far less memory traffic."""
 
     @staticmethod
-    def forward(ctx, h, weight, targets, chunk):
+    def forward(ctx, h, weight, targets, chunk, compiled):
         # h (N, d), weight (vocab, d), targets (N,) with -100 = ignore; returns the summed loss
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
-        for s in range(0, h.shape[0], chunk):
-            hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            valid = (tc != -100)[:, None]  # (n, 1)
-            idx = tc.clamp(min=0)[:, None]
-            logits = (hc @ weight.t()).float()  # (n, vocab), fp32 for the softmax
-            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-            loss += ((lse - logits.gather(1, idx)) * valid).sum()
-            if need_grad:
-                p = logits.sub_(lse).exp_()  # softmax, in place
-                p.scatter_add_(1, idx, -valid.float()).mul_(valid)  # softmax - onehot; ignored rows 0
-                p = p.to(hc.dtype)
-                grad_h[s : s + chunk] = p @ weight.to(hc.dtype)
-                grad_w += (p.t() @ hc).float()
-        ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
+        one = _compiled_chunk if compiled else _chunk_loss_and_grads
+        if compiled and torch.is_autocast_enabled(h.device.type):  # one cast of the head, not one per chunk
+            weight = weight.to(torch.get_autocast_dtype(h.device.type))
+        for s in range(0, h.shape[0], chunk):
+            loss_c, gh, gw = one(h[s : s + chunk], weight, targets[s : s + chunk], need_grad)
+            loss += loss_c
+            if need_grad:
+                grad_h[s : s + chunk] = gh
+                grad_w += gw
+        ctx.save_for_backward(grad_h, grad_w)
         return loss
 
     @staticmethod
     def backward(ctx, g):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None
+        return grad_h * g.to(grad_h.dtype), (grad_w * g).to(ctx.weight_dtype), None, None, None
 
 
 @torch.compiler.disable  # kept out of compiled graphs: on CUDA, torch.compile (2.11) turned the gradients
-# this Function forms in its forward pass into zeros (seen on an H100: the compiled run never learned)
-def linear_cross_entropy(h, weight, targets, num_items_in_batch=None, chunk: int = 1024) -> torch.Tensor:
+# this Function forms in its forward pass into zeros (seen on an H100: the compiled run never learned).
+# `compiled` compiles only the per-chunk math inside it (LlamaForgeForCausalLM.compiled_loss; off by default)
+def linear_cross_entropy(h, weight, targets, num_items_in_batch=None, chunk: int = 1024,
+                         compiled: bool = False) -> torch.Tensor:
     """Loss of lm_head(h) against (B, T) targets; mean over targets, or sum / num_items_in_batch."""
-    total = _LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten().to(h.device), chunk)
+    total = _LinearCrossEntropy.apply(h.flatten(0, 1), weight, targets.flatten().to(h.device), chunk, compiled)
     denom = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     return total / denom

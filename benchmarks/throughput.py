@@ -1,0 +1,146 @@
+"""`python -m benchmarks muon_ddp` and `python -m benchmarks prefetch`: the two throughput changes of
+issue #26 that a CPU can show, each against the code before it in the same run.
+
+muon_ddp: 2 processes on gloo (1 thread each: this machine's 2 cores), the `train_step` benchmark
+model's 56 block matrices with the same gradients on both ranks, one Muon step timed on each rank:
+Newton-Schulz shared out over the ranks + one all-gather (`Muon(split=True)`, the DDP default now)
+against every rank orthogonalizing every matrix (`split=False`, before). Per-rank median seconds.
+
+prefetch: the `tiny` preset's training step on the prepared sample corpus, fed by the read-ahead
+loader (`data.loader.Prefetched`, the default now) against the same loader read synchronously
+(before), on the local disk and with every read slowed by a sleep of about half a step (a stand-in
+for a network filesystem: labelled simulated).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _muon_rank(rank: int, world: int, port: int, shapes, reps: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from llamaforge.train.optim import Muon, ns_dtype_for
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(0)
+    dtype = ns_dtype_for(torch.device("cpu"))
+    opts = {}
+    for split in (False, True):
+        params = [torch.nn.Parameter(torch.randn(*s, generator=gen) * 0.02) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opts[split] = Muon(params, ns_dtype=dtype, split=split, lr=0.02, momentum=0.95, adjust_lr_fn="original")
+    times = {False: [], True: []}
+    for i in range(reps + 1):
+        for split, opt in opts.items():
+            dist.barrier()
+            t = time.perf_counter()
+            opt.step()
+            if i:  # the first round warms up
+                times[split].append(time.perf_counter() - t)
+    torch.save({k: statistics.median(v) for k, v in times.items()}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def muon_ddp(args, report, bench_model: dict) -> dict:
+    import socket
+
+    h, f, layers = bench_model["hidden_size"], bench_model["intermediate_size"], bench_model["num_hidden_layers"]
+    shapes = [(h, h)] * 4 * layers + [(f, h), (f, h), (h, f)] * layers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as work:
+        out = str(Path(work) / "t")
+        torch.multiprocessing.spawn(_muon_rank, args=(2, port, shapes, max(3, args.reps), out), nprocs=2)
+        ranks = [torch.load(f"{out}.{r}") for r in range(2)]
+    for r, t in enumerate(ranks):
+        print(f"  rank {r}: every matrix {t[False]:.3f} s, its share + all-gather {t[True]:.3f} s")
+    slowest = {k: max(t[k] for t in ranks) for k in (False, True)}  # a step waits for the slowest rank
+    return report("muon_ddp", 1 / slowest[True], 1 / slowest[False], "every rank orthogonalizes every matrix",
+                  "Muon steps/s (slowest of 2 gloo ranks)",
+                  {"matrices": len(shapes), "per_rank_s_split": [round(t[True], 4) for t in ranks],
+                   "per_rank_s_all": [round(t[False], 4) for t in ranks]})
+
+
+class _Synchronous:
+    """The loader as the loop read it before: in the step, on the main thread."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def next_batch(self):
+        return self.inner.next_batch()
+
+    def close(self):
+        pass
+
+
+class _Slow:
+    """Every read takes `delay` seconds longer (a stand-in for a network filesystem)."""
+
+    def __init__(self, inner, delay: float):
+        self.inner, self.delay = inner, delay
+        self.bytes_per_token = inner.bytes_per_token
+
+    def next_batch(self):
+        time.sleep(self.delay)
+        return self.inner.next_batch()
+
+    def state_dict(self):
+        return self.inner.state_dict()
+
+
+def prefetch(args, interleaved, report) -> dict:
+    from llamaforge.config import load_config, micro_batch_for
+    from llamaforge.data.loader import Prefetched, PretrainBatches
+    from llamaforge.model.io import build_model
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.precision import choose
+    from llamaforge.train.step import split_micro, train_step
+
+    from benchmarks.recipe import sample_data
+
+    cfg = load_config("tiny")
+    precision = choose(cfg.train.precision, torch.device("cpu"))
+    with tempfile.TemporaryDirectory() as work:
+        data = sample_data(Path(work))
+        model = build_model(cfg.model).train()
+        opt = build_optimizer(model, lr=1e-3)
+
+        def steps(loader, n: int = 4):
+            def run():
+                for _ in range(n):
+                    batch = loader.next_batch()
+                    train_step(model, opt, split_micro(batch, micro_batch_for(cfg.train)), precision=precision)
+            return run
+
+        plain = PretrainBatches(data, cfg.train)
+        step_s = interleaved({"one": steps(_Synchronous(plain), 1)}, 1, 3)["one"]
+        delay = step_s / 2
+        loaders = {"sync": _Synchronous(PretrainBatches(data, cfg.train)),
+                   "prefetch": Prefetched(PretrainBatches(data, cfg.train)),
+                   "sync_slow": _Synchronous(_Slow(PretrainBatches(data, cfg.train), delay)),
+                   "prefetch_slow": Prefetched(_Slow(PretrainBatches(data, cfg.train), delay))}
+        t = interleaved({k: steps(v) for k, v in loaders.items()}, max(1, args.warmup), max(3, args.reps))
+        for v in loaders.values():
+            v.close()
+    tokens = 4 * cfg.train.batch_tokens
+    print(f"  local disk: synchronous {tokens / t['sync']:,.0f} tokens/s, read-ahead {tokens / t['prefetch']:,.0f} "
+          f"({t['sync'] / t['prefetch']:.3f}x)")
+    print(f"  reads slowed by {delay * 1e3:.0f} ms (simulated; a step is {step_s * 1e3:.0f} ms): synchronous "
+          f"{tokens / t['sync_slow']:,.0f}, read-ahead {tokens / t['prefetch_slow']:,.0f} tokens/s "
+          f"({t['sync_slow'] / t['prefetch_slow']:.3f}x)")
+    return report("prefetch", tokens / t["prefetch_slow"], tokens / t["sync_slow"],
+                  "synchronous reads (before), reads slowed by half a step (simulated)", "tokens/s",
+                  {"local_disk_ratio": round(t["sync"] / t["prefetch"], 3), "simulated_read_delay_s": round(delay, 4),
+                   "step_s": round(step_s, 4), "precision": precision.name})
