@@ -3,9 +3,12 @@
 On a CUDA machine: the fused SDPA kernel the card has accepts our attention call (causal, GQA and
 not): flash in bf16 from compute capability 8.0, the memory-efficient kernel in fp16 before it (T4,
 V100: PyTorch's flash kernel needs 8.0); `llama-150m` trains STEPS steps through the ordinary
-`llamaforge train` code with torch.compile off and on (losses must agree within bf16 tolerance), at a
-micro-batch sized from the card's memory (`plan`); peak memory, tokens/s and MFU are printed (MFU
-against the GPU's spec peak when known, else a labelled measured matmul). With 2+ GPUs: DDP
+`llamaforge train` code eager, with the blocks compiled, and with the fused loss's chunks compiled
+too (`train.compile_loss`; losses must agree within bf16 tolerance), at a micro-batch sized from the
+card's memory (`plan`); peak memory, tokens/s and MFU are printed (MFU against the GPU's spec peak
+when known, else a labelled measured matmul), then the time split of a step (data wait, forward,
+loss, backward, optimizer) for each, and the fused loss's compiled chunks against eager (loss and
+gradients on llama-150m's head shape). With 2+ GPUs: DDP
 and FSDP2 (torchrun, 2 processes) against one GPU with twice the accumulation, and a DDP run killed
 with SIGKILL and resumed against the same run uninterrupted. Exits 1 on any mismatch or failure. On
 a machine without CUDA it says so and exits 0.
@@ -39,10 +42,15 @@ from llamaforge.runs import read_metrics
 from llamaforge.train.metrics import spec_peak_flops, train_flops_per_token
 from llamaforge.workflows.pretrain import pretrain
 
+from benchmarks.time_split import compare_loss_kernels, time_split
+
 # llama-150m at seq 256 on an H100 (make gpu-check, README): 14.8 GB peak eager at micro-batch 64,
 # 10.9 GB compiled; ~2.6 GB of it is weights, gradients and optimizer states (162M parameters x 16 B).
 FIXED_GB, PER_SEQ_GB = 2.6, (14.8 - 2.6) / 64  # eager, the larger of the two
 MEMORY_SHARE = 0.8  # of the card's memory, for the allocator's fragmentation and the CUDA context
+# eager; blocks compiled; blocks and the fused loss's chunks compiled (train.compile_loss, off by default
+# on CUDA until this check has measured it: its losses are compared with the compiled run's)
+RUNS = (("eager", "false", "false", "auto"), ("compile", "true", "false", "auto"), ("compile+loss", "true", "true", "auto"))
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,7 @@ class Plan:
     kernel: str  # the SDPA backend to check: FLASH_ATTENTION | EFFICIENT_ATTENTION
     dtype: torch.dtype  # what `train.precision: auto` computes in on this card
     micro_batch: int
-    runs: tuple[tuple[str, bool, str], ...]  # (label, compile, precision)
+    runs: tuple[tuple[str, str, str, str], ...]  # (label, train.compile, train.compile_loss, precision)
     why: str
 
 
@@ -65,10 +73,8 @@ def plan(capability: tuple[int, int], total_memory: int, micro_batch: int | None
     if micro_batch:
         why = f"{gb:.1f} GB card: micro-batch {micro} as asked"
     if capability >= (8, 0):  # native bf16 and flash attention
-        runs = (("eager", False, "auto"), ("compile", True, "auto"), ("fp16", False, "fp16"))
-        return Plan("FLASH_ATTENTION", torch.bfloat16, micro, runs, why)
-    runs = (("eager", False, "auto"), ("compile", True, "auto"))  # auto is fp16 + loss scaling here
-    return Plan("EFFICIENT_ATTENTION", torch.float16, micro, runs,
+        return Plan("FLASH_ATTENTION", torch.bfloat16, micro, RUNS + (("fp16", "false", "false", "fp16"),), why)
+    return Plan("EFFICIENT_ATTENTION", torch.float16, micro, RUNS,  # auto is fp16 + loss scaling here
                 why + f"; compute capability {capability[0]}.{capability[1]}: no flash kernel, fp16")
 
 
@@ -88,12 +94,16 @@ def check_attention(p: Plan, fail: list[str], device: str = "cuda") -> None:
             fail.append(f"{p.kernel.lower()} SDPA not eligible with kv heads {n_kv}: {str(e).splitlines()[0]}")
 
 
-def train_run(data: str, out: Path, steps: int, micro: int, compile_: bool, precision: str = "auto") -> dict:
-
-    over = [f"train.max_steps={steps}", f"train.micro_batch={micro}", f"train.batch_tokens={micro * 256 * 2}",
-            f"train.compile={str(compile_).lower()}", "train.eval_every=0", f"train.save_every={steps}",
+def overrides(steps: int, micro: int, compile_: str = "false", compile_loss: str = "false",
+              precision: str = "auto") -> list[str]:
+    return [f"train.max_steps={steps}", f"train.micro_batch={micro}", f"train.batch_tokens={micro * 256 * 2}",
+            f"train.compile={compile_}", f"train.compile_loss={compile_loss}", "train.eval_every=0", f"train.save_every={steps}",
             "train.warmup_steps=10", "train.sample_prompt=''", "train.eval_tokens=65536", f"train.precision={precision}"]
-    cfg = load_config("llama-150m", overrides=over)
+
+
+def train_run(data: str, out: Path, steps: int, micro: int, compile_: str, compile_loss: str,
+              precision: str = "auto") -> dict:
+    cfg = load_config("llama-150m", overrides=overrides(steps, micro, compile_, compile_loss, precision))
     torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     pretrain(cfg, data, out, progress=False)
@@ -184,6 +194,69 @@ def distributed_checks(data: str, tmp: Path, steps: int, overrides: list[str], f
         fail.append(f"DDP kill + resume does not reproduce the uninterrupted run (largest difference {worst:.2e})")
 
 
+def training_runs(data: str, tmp: Path, pl: Plan, steps: int, name: str, fail: list[str]) -> dict:
+    """Each run of the plan through `llamaforge train`: tokens/s, MFU, peak memory, losses."""
+    runs, total = {}, torch.cuda.get_device_properties(0).total_memory / 1e9
+    for label, compile_, compile_loss, precision in pl.runs:
+        try:
+            runs[label] = r = train_run(data, tmp / label, steps, pl.micro_batch, compile_, compile_loss, precision)
+        except Exception as e:  # noqa: BLE001 - a check reports every failure and goes on
+            fail.append(f"{label} training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        peak = spec_peak_flops(name, pl.dtype)
+        mfu = f"{r['flops_per_s'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s spec peak" if peak else "spec peak unknown"
+        print(f"{label:>12}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, peak memory {r['peak_gb']:.1f} GB of "
+              f"{total:.1f} GB (micro-batch {pl.micro_batch}), loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, "
+              f"wall {r['wall_s']:.0f} s, precision {r['start'].get('precision')} "
+              f"({r['start'].get('precision_reason')}), MFU peak from {r['start'].get('mfu_peak_source')}")
+    return runs
+
+
+def compare_runs(runs: dict, fail: list[str]) -> None:
+    """Every run's loss falls; compiled runs track eager; fp16 + loss scaling tracks the default."""
+    for label, r in runs.items():
+        if not r["losses"][-1] < r["losses"][0] - 1.0:
+            fail.append(f"{label}: the loss did not fall: {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}")
+    for a, b in (("eager", "compile"), ("compile", "compile+loss"), ("eager", "fp16")):
+        if a not in runs or b not in runs:
+            continue
+        x, y = runs[a]["losses"], runs[b]["losses"]
+        worst = max(abs(p - q) for p, q in zip(x, y))
+        print(f"{a} vs {b}: largest per-step loss difference {worst:.4f} over {len(x)} steps")
+        if len(x) != len(y) or worst > 0.05 * max(x[0], 1.0):
+            fail.append(f"{a} and {b} losses disagree (largest difference {worst:.4f})")
+
+
+def loss_kernel_check(pl: Plan, fail: list[str]) -> dict:
+    """The fused loss eager vs compiled chunks on llama-150m's head: losses and gradients."""
+    try:
+        c = compare_loss_kernels(torch.device("cuda"), pl.dtype)
+    except Exception as e:  # noqa: BLE001
+        fail.append(f"the compiled fused loss failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return {}
+    print(f"fused loss, compiled chunks vs eager: loss {c['loss_rel']:.1e}, grad h {c['grad_h_rel']:.1e}, "
+          f"grad head {c['grad_w_rel']:.1e} (relative); compiled gradient norms {c['grad_h_norm']:.3g} / "
+          f"{c['grad_w_norm']:.3g}")
+    if not (c["grad_h_norm"] > 0 and c["grad_w_norm"] > 0) or max(c["loss_rel"], c["grad_h_rel"], c["grad_w_rel"]) > 2e-2:
+        fail.append("the compiled fused loss does not give the eager loss and gradients")
+    return c
+
+
+def time_splits(data: str, pl: Plan, fail: list[str]) -> dict:
+    """Where the time goes, eager / compiled blocks / compiled blocks and loss."""
+    cfg = load_config("llama-150m", overrides=overrides(1, pl.micro_batch))
+    out = {}
+    for label, blocks, loss in (("eager", False, False), ("compile", True, False), ("compile+loss", True, True)):
+        try:
+            split = time_split(cfg, data, torch.device("cuda"), 15, blocks, loss)
+        except Exception as e:  # noqa: BLE001
+            fail.append(f"{label} time split failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        print(split.line(label))
+        out[label] = split.ms
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", help="a prepared data folder (default: prepare the offline sample corpus)")
@@ -206,34 +279,10 @@ def main(argv=None) -> int:
         if data is None:
             data = str(Path(tmp) / "data")
             prepare("sample", data, progress=False)
-        runs = {}
-        for label, compile_, precision in pl.runs:
-            try:
-                runs[label] = r = train_run(data, Path(tmp) / label, a.steps, pl.micro_batch, compile_, precision)
-            except Exception as e:  # noqa: BLE001 - a check reports every failure and goes on
-                fail.append(f"{label} training failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-                continue
-            peak = spec_peak_flops(name, pl.dtype)
-            mfu = f"{r['flops_per_s'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s spec peak" if peak else "spec peak unknown"
-            print(f"{label:>8}: {r['tokens_per_s']:,.0f} tokens/s, MFU {mfu}, peak memory {r['peak_gb']:.1f} GB of "
-                  f"{props.total_memory / 1e9:.1f} GB (micro-batch {pl.micro_batch}), "
-                  f"loss {r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}, wall {r['wall_s']:.0f} s, "
-                  f"precision {r['start'].get('precision')} ({r['start'].get('precision_reason')}), "
-                  f"MFU peak from {r['start'].get('mfu_peak_source')}")
-        if "eager" in runs and "compile" in runs:
-            e, c = runs["eager"]["losses"], runs["compile"]["losses"]
-            worst = max(abs(x - y) for x, y in zip(e, c))
-            print(f"eager vs compile: largest per-step loss difference {worst:.4f} over {len(e)} steps")
-            if len(e) != len(c) or worst > 0.05 * max(e[0], 1.0):
-                fail.append(f"eager and compiled losses disagree (largest difference {worst:.4f})")
-            if not e[-1] < e[0] - 1.0:
-                fail.append(f"the loss did not fall: {e[0]:.3f} -> {e[-1]:.3f}")
-        if "fp16" in runs and "eager" in runs:  # the loss-scaling path older GPUs take, tried here too
-            h = runs["fp16"]["losses"]
-            worst = max(abs(x - y) for x, y in zip(runs["eager"]["losses"], h))
-            print(f"fp16 + GradScaler vs auto: largest per-step loss difference {worst:.4f}")
-            if not h[-1] < h[0] - 1.0 or worst > 0.05 * max(h[0], 1.0):
-                fail.append(f"fp16 with loss scaling does not track the default run (largest difference {worst:.4f})")
+        kernels = loss_kernel_check(pl, fail)
+        runs = training_runs(data, Path(tmp), pl, a.steps, name, fail)
+        compare_runs(runs, fail)
+        splits = time_splits(data, pl, fail)
         if torch.cuda.device_count() < 2:
             print("DDP / FSDP2 against one GPU: skipped (needs 2+ GPUs)")
         else:
@@ -242,7 +291,8 @@ def main(argv=None) -> int:
                                "--batch-tokens", str(2 * m * 256)], fail, tolerance=0.05)
     if a.json:
         with open(a.json, "a") as f:
-            f.write(json.dumps({"device": name, "torch": torch.__version__, "failures": fail,
+            f.write(json.dumps({"device": name, "torch": torch.__version__, "failures": fail, "loss_kernels": kernels,
+                                "time_split_ms": splits,
                                 **{k: {kk: vv for kk, vv in v.items() if kk != "start"} for k, v in runs.items()}}) + "\n")
     for line in fail:
         print(f"gpu-check: FAIL: {line}")

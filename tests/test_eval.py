@@ -79,6 +79,8 @@ def test_perplexity_is_exp_of_mean_token_loss(model_dir, tmp_path, mistral):
     mean = torch.cat(losses).mean().item()
     assert got["tokens"] == len(ids) - 1
     assert got["perplexity"] == pytest.approx(math.exp(mean), rel=1e-5)
+    wide = perplexity_on_text(model, mistral, path, batch=32)  # CUDA's default batch: the same windows, once each
+    assert wide["tokens"] == got["tokens"] and wide["perplexity"] == pytest.approx(got["perplexity"], rel=1e-5)
     assert got["bits_per_byte"] == pytest.approx(mean * (len(ids) - 1) / math.log(2) / len(text.encode()), rel=1e-5)
 
 

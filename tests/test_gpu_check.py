@@ -55,6 +55,29 @@ def test_gpu_check_adapts_to_the_card(card, capability, memory, kernel, dtype, m
     (and `auto` trains in fp16 there, so no separate fp16 run); the micro-batch fits the memory."""
     p = plan(capability, int(memory))
     assert (p.kernel, p.dtype, p.micro_batch) == (kernel, dtype, micro), p
-    assert [r[0] for r in p.runs] == (["eager", "compile", "fp16"] if capability >= (8, 0) else ["eager", "compile"])
+    runs = ["eager", "compile", "compile+loss"]
+    assert [r[0] for r in p.runs] == (runs + ["fp16"] if capability >= (8, 0) else runs)
     assert f"micro-batch {micro}" in p.why and f"{memory / GB:.1f} GB" in p.why
     assert plan(capability, int(memory), micro_batch=8).micro_batch == 8
+
+
+def test_the_time_split_and_the_loss_kernel_check_run_on_any_device(tmp_path):
+    """gpu-check's time split (data wait, forward, loss, backward, optimizer) and its fused-loss
+    comparison are device-agnostic: here on the CPU with a micro model, eager and fully compiled."""
+    from benchmarks.time_split import PARTS, compare_loss_kernels, time_split
+    from llamaforge.config import load_config
+    from llamaforge.train.compiling import inductor_problem
+
+    stories_data(tmp_path, 200)
+    cpu = torch.device("cpu")
+    cfg = load_config("tiny", overrides=["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
+                                         "model.num_attention_heads=2", "model.num_key_value_heads=1", "train.seq_len=64",
+                                         "train.micro_batch=2", "train.precision=fp32"])
+    modes = [(False, False)] + ([] if inductor_problem(cpu) else [(True, True)])
+    for blocks, loss in modes:
+        split = time_split(cfg, str(tmp_path / "d"), cpu, 6, blocks, loss)
+        assert list(split.ms) == list(PARTS) and all(v >= 0 for v in split.ms.values()) and split.tokens_per_s > 0
+        assert "data wait" in split.line("eager") and "tokens/s" in split.line("eager")
+    if len(modes) > 1:
+        c = compare_loss_kernels(cpu, torch.float32, rows=256, dim=32, vocab=500)
+        assert max(c["loss_rel"], c["grad_h_rel"], c["grad_w_rel"]) < 1e-4 and c["grad_h_norm"] > 0 and c["grad_w_norm"] > 0

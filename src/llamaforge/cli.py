@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subjects", help="comma-separated MMLU subjects for mmlu_offline")
     p.add_argument("--include-path", help="a folder of your own lm-eval task YAML files")
     p.add_argument("--irt-params", help="tinyBenchmarks.pkl, for tinyMMLU's IRT estimate")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, help="windows / requests per forward (default: 4 on a CPU, 32 on CUDA)")
     p.add_argument("--log-samples", metavar="DIR", help="write lm-eval's per-sample records into DIR")
     p.add_argument("--out", help="results JSON file")
     p.set_defaults(func=cmd_eval)
