@@ -144,3 +144,63 @@ def prefetch(args, interleaved, report) -> dict:
                   "synchronous reads (before), reads slowed by half a step (simulated)", "tokens/s",
                   {"local_disk_ratio": round(t["sync"] / t["prefetch"], 3), "simulated_read_delay_s": round(delay, 4),
                    "step_s": round(step_s, 4), "precision": precision.name})
+
+
+def _compile_child(preset: str, precision: str, mode: str, steps: int, q) -> None:
+    """One fresh process per mode (a fresh dynamo), timing the first (compiling) step and the rest."""
+    from llamaforge.config import load_config, micro_batch_for
+    from llamaforge.model.io import build_model
+    from llamaforge.train.distributed import compile_blocks
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.precision import choose
+    from llamaforge.train.step import train_step
+
+    cfg = load_config(preset)
+    t = cfg.train
+    prec = choose(precision, torch.device("cpu"))
+    micro = micro_batch_for(t)
+    x = torch.randint(0, cfg.model.vocab_size, (t.batch_tokens // t.seq_len, t.seq_len + 1),
+                      generator=torch.Generator().manual_seed(0))
+    batch = [(x[i : i + micro, :-1], x[i : i + micro, 1:]) for i in range(0, len(x), micro)]
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    if mode in ("blocks", "both"):
+        compile_blocks(model)
+    model.compiled_loss = mode in ("loss", "both")
+    opt = build_optimizer(model, t.lr, device=torch.device("cpu"), kind=t.optimizer, muon_lr=t.muon_lr)
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        train_step(model, opt, batch, precision=prec)
+        times.append(time.perf_counter() - start)
+    q.put((times[0], statistics.median(times[1:]), prec.name))
+
+
+def compile_cost(args, report) -> dict:
+    """`train.compile` / `train.compile_loss` on the `tiny` preset's step, each mode in a fresh
+    process with an empty inductor cache (the first step is what a fresh machine pays)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out = {}
+    for precision in ("auto", "fp32"):
+        for mode in ("eager", "blocks", "loss", "both"):
+            with tempfile.TemporaryDirectory() as cache:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+                q = ctx.Queue()
+                p = ctx.Process(target=_compile_child, args=("tiny", precision, mode, max(3, args.reps), q))
+                p.start()
+                first, step, name = q.get()
+                p.join()
+            out[(name, mode)] = (first, step)
+            print(f"  {name} {mode:6s}: first step {first:5.1f} s, then {step:.3f} s a step", flush=True)
+    os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    names = sorted({n for n, _ in out})
+    for n in names:
+        eager, both = out[(n, "eager")], out[(n, "both")]
+        gain = eager[1] - both[1]
+        steps = (both[0] - eager[0]) / gain if gain > 0 else float("inf")
+        print(f"  {n}: compiled (blocks + loss) repays its warm-up after {steps:,.0f} steps")
+    main = names[0]
+    return report("compile_cost", 1 / out[(main, "both")][1], 1 / out[(main, "eager")][1], "eager (train.compile false)",
+                  "tiny steps/s", {f"{n}_{m}": [round(v, 3) for v in fs] for (n, m), fs in out.items()})

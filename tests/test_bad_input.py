@@ -83,6 +83,11 @@ def case(world, tmp_path, name):
         return ["eval", "--model", run / "final", "--data", d, "--out", w / "notes.txt"], ["did not write"]
     if name == "eval-batch-size-0":
         return ["eval", "--model", run / "final", "--data", d, "--batch-size", "0"], ["--batch-size", "at least 1"]
+    if name == "eval-unknown-offline-task":
+        return ["eval", "--model", run / "final", "--tasks", "hellaswagg_offline"], ["hellaswagg_offline", "capability"]
+    if name == "train.eval_tasks=nonsense_offline":
+        return ["train", "--data", d, "--out", tmp_path / "r", *TRAIN, "--train.eval_tasks", "nonsense_offline"],\
+            ["nonsense_offline", "capability"]
     if name == "train.compile=sometimes":
         return ["train", "--data", d, "--out", tmp_path / "r", *TRAIN, "--train.compile", "sometimes"],\
             ["train.compile", "auto, true, false"]
@@ -177,7 +182,8 @@ def case(world, tmp_path, name):
 
 CASES = ["prepare-into-user-folder", "prepare-force-user-folder", "init-into-user-folder", "init-onto-user-file",
          "export-onto-its-run", "train-into-user-folder", "report-into-user-folder", "eval-out-is-a-folder",
-         "eval-out-is-a-user-file", "eval-batch-size-0", "train.compile=sometimes", "yaml-malformed",
+         "eval-out-is-a-user-file", "eval-batch-size-0", "eval-unknown-offline-task",
+         "train.eval_tasks=nonsense_offline", "train.compile=sometimes", "yaml-malformed",
          "yaml-not-a-mapping", "config-is-a-directory",
          "train.micro_batch=0", "train.micro_batch=-1", "train.seq_len=-4", "train.batch_tokens=0", "train.max_steps=0",
          "model.num_attention_heads=0", "model.num_hidden_layers=-1", "model.hidden_size=0", "bin-truncated",

@@ -59,6 +59,9 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0
     eval_every: int = 50
+    eval_tasks: Optional[str] = None  # lm-eval tasks scored during training, e.g. capability (eval/tasks.py)
+    eval_tasks_every: int = 0  # steps between those scorings; 0: with every eval_every
+    eval_tasks_limit: Optional[int] = 100  # items per task (the first N of each task's fixed order); null: all
     eval_tokens: int = 65536
     save_every: int = 100
     keep_last: int = 2
@@ -122,7 +125,7 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
 # train fields that must be > 0, and those that must be >= 0 (0 = off)
 _POSITIVE = ("seq_len", "batch_tokens", "max_steps", "lr", "muon_lr", "eval_tokens", "keep_last", "max_bad_steps")
 _NON_NEGATIVE = ("min_lr_ratio", "warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "eval_every",
-                 "save_every")
+                 "save_every", "eval_tasks_every")
 _CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
             "muon_ns_dtype": ("auto", "bf16", "fp32"), "schedule": ("cosine", "wsd"),
             "decay_shape": ("linear", "1-sqrt"), "compile": ("auto", "true", "false"),

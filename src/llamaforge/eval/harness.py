@@ -7,6 +7,7 @@ accuracy with a 95% Wilson interval, labelled "plain accuracy" — never passed 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
+from .tasks import BENCHES, capability_score
 
 log = logging.getLogger(__name__)
 PLAIN = "plain accuracy (not IRT)"
@@ -49,10 +51,12 @@ def _irt(samples: list[dict], params_file: str) -> float | None:
             os.chdir(cwd)
 
 
-def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | None = None, limit: int | None = None,
-              batch_size: int = 4, irt_params: str | None = None, log_samples: bool = False,
-              output_dir: str | Path | None = None) -> dict:
-    """Score `model` on lm-eval tasks; returns {task: {metric, value, ci95, n, kind}} (+ raw results)."""
+def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | list | None = None,
+              limit: int | None = None, batch_size: int = 4, irt_params: str | None = None, log_samples: bool = False,
+              output_dir: str | Path | None = None, autocast=contextlib.nullcontext) -> dict:
+    """Score `model` on lm-eval tasks; returns {task: {metric, value, ci95, n, kind}}; the offline
+    benchmarks (eval/tasks.py) also carry `correct` (0/1 per item, by doc_id) and `centered`, and
+    `capability` their capability score. `autocast`: the precision to score in (training's)."""
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -63,13 +67,15 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | Non
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               max_length=model.config.max_position_embeddings,
               add_bos_token=bool(tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]))  # as in training
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    paths = include_path if isinstance(include_path, list) else [include_path] if include_path else []
+    manager = TaskManager(include_path=[str(p) for p in paths] or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown lm-eval task {unknown[0]!r}; see `lm_eval --tasks list` or use mmlu_offline_100")
-    with torch.no_grad():
+    benches = [t for t in tasks if t in BENCHES]
+    with torch.no_grad(), autocast():
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                          log_samples=log_samples or irt_params is not None)
+                                          log_samples=log_samples or irt_params is not None or bool(benches))
     out = {}
     for task in tasks:
         r = results["results"][task]
@@ -82,6 +88,19 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | Non
             if irt is not None:
                 row.update(irt_estimate=irt, kind="tinyBenchmarks gp-IRT estimate (value = plain acc_norm)")
         out[task] = row
+    if benches:
+        items = {}
+        for task in benches:
+            samples = sorted(results["samples"][task], key=lambda x: x["doc_id"])
+            metric = BENCHES[task].metric
+            out[task]["correct"] = [int(x[metric]) for x in samples]
+            items[task] = [(float(x[metric]), float(x["doc"]["chance"])) for x in samples]
+        score = capability_score(items)
+        for task in benches:
+            out[task]["centered"] = score["tasks"][task]["centered"]
+        out["capability"] = {"metric": "capability score (centered accuracy, mean over tasks)", "value": score["score"],
+                             "ci95": score["ci95"], "n": sum(len(v) for v in items.values()), "kind": "centered on chance; normal 95% interval",
+                             "tasks": benches}
     if output_dir and log_samples:
         from lm_eval.loggers import EvaluationTracker
 

@@ -27,11 +27,13 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig, micro_batch_for, parse_duration, save_config
 from ..data.loader import Prefetched
-from ..errors import UserError, require_extra
+from ..errors import UserError
 from ..eval.loss import windowed_loss
 from ..fsutil import atomic_write_bytes
 from ..runs import RunRecord, config_path, describe_recipe, metrics_path, read_metrics, tokenizer_dir
 from . import checkpoint as ckpt
+from .bench import score_tasks
+from .checks import check_runnable, task_list
 from .compiling import choose as choose_compile
 from .distributed import Dist, compile_blocks, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, train_flops_per_token
@@ -80,35 +82,6 @@ def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tok
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
-def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
-    """Refuse, before any work, a configuration that cannot run."""
-    t = cfg.train
-    if t.seq_len > model_config.max_position_embeddings:
-        raise UserError(f"seq_len {t.seq_len} exceeds the model's max_position_embeddings "
-                        f"{model_config.max_position_embeddings}; lower --train.seq_len or use `llamaforge extend`")
-    micro = micro_batch_for(t, world)
-    per_micro = t.seq_len * micro * world
-    if t.batch_tokens % per_micro:
-        if t.batch_tokens % (t.seq_len * world) == 0:
-            fix = "change --batch-tokens, or leave train.micro_batch out to derive it"
-        else:
-            fix = f"make --batch-tokens a multiple of seq_len x processes = {t.seq_len * world}"
-        raise UserError(f"batch_tokens {t.batch_tokens} is not a multiple of micro_batch x seq_len x processes "
-                        f"= {micro} x {t.seq_len} x {world} = {per_micro}; {fix}")
-    if t.optimizer == "muon" and t.fsdp and world > 1:
-        raise UserError("train.optimizer muon with train.fsdp: Muon needs whole matrices and FSDP2 shards them; "
-                        "run (or resume) it under DDP (--train.fsdp false), or start with --train.optimizer adamw for FSDP")
-    if t.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        raise UserError(f"train.optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
-                        "pip install 'torch>=2.9' (README: Install on a GPU), or --train.optimizer adamw")
-    if t.max_steps <= 0 or t.lr <= 0:
-        raise UserError("max_steps and lr must be positive")
-    if t.wandb:
-        require_extra("wandb", "wandb")
-    if t.tensorboard:
-        require_extra("tensorboard", "tensorboard")
 
 
 def copy_metrics(source_run: Path, run_dir: Path, step: int) -> None:
@@ -303,6 +276,9 @@ class Trainer:
         bar.update()
         if t.eval_every and (self.step % t.eval_every == 0 or self.step == t.max_steps):
             self.evaluate()
+        every = t.eval_tasks_every or t.eval_every
+        if t.eval_tasks and every and (self.step % every == 0 or self.step == t.max_steps):
+            self.score_tasks()
 
     def skipped(self, stats: StepStats) -> None:
         self.bad_streak += 1
@@ -336,6 +312,15 @@ class Trainer:
         if self.t.sample_prompt:
             text = sample_text(self.eval_model, self.tokenizer, self.t.sample_prompt, d.device, synced=sharded)
             self.metrics.log("sample", self.step, prompt=self.t.sample_prompt, text=text)
+
+    def score_tasks(self) -> None:
+        """train.eval_tasks through lm-eval: on the main rank (DDP; the others wait), on every rank
+        under FSDP (each forward gathers the weights); one `bench` row."""
+        if self.d.main or self.sharded:
+            row = score_tasks(self.eval_model, self.tokenizer, task_list(self.t.eval_tasks), self.t.eval_tasks_limit,
+                              self.precision.autocast, self.micro_batch)
+            self.metrics.log("bench", self.step, tokens_seen=self.tokens_seen, **row)
+        self.d.barrier()
 
     def state_dict(self) -> dict:
         """state.json's content (checkpoint.py adds the step)."""

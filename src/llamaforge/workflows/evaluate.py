@@ -12,6 +12,7 @@ from ..data.prepare import read_meta
 from ..errors import UserError, require_extra
 from ..eval.harness import run_tasks
 from ..eval.mmlu import mmlu_task_dir
+from ..eval.tasks import BENCHES, bench_task_dir, check_names, expand
 from ..eval.perplexity import perplexity_on_split, perplexity_on_text
 from ..fsutil import atomic_write_bytes, check_replaceable_file
 from ..tokenizer import load_tokenizer
@@ -39,6 +40,7 @@ def evaluate(model_path: str, *, data_dir: str | None = None, text: str | None =
         raise UserError(f"--irt-params {irt_params} does not exist; pass tinyBenchmarks.pkl or leave it out")
     if tasks:  # before the model is loaded and perplexity is spent
         require_extra("lm_eval", "eval")
+        check_names(list(tasks))
     if out is not None:
         check_replaceable_file(Path(out), is_results_file, "results file from `llamaforge eval`")
     if max_tokens is not None and max_tokens < 1:
@@ -66,17 +68,29 @@ def _evaluate(model, tok_dir, model_path, data_dir, text, tasks, limit, subjects
     if text:
         result["perplexity"]["text"] = perplexity_on_text(model, tokenizer, text, batch_size)
     if tasks:
-        include = include_path
-        if any(t.startswith("mmlu_offline") for t in tasks):
-            include = str(mmlu_task_dir(subjects))
-            if include_path:
-                raise UserError("--include-path cannot be combined with the mmlu_offline tasks; run them separately")
-        result["tasks"] = run_tasks(model, tokenizer, list(tasks), include, limit, batch_size, irt_params,
+        include = task_paths(tasks, subjects, include_path)
+        result["tasks"] = run_tasks(model, tokenizer, expand(list(tasks)), include, limit, batch_size, irt_params,
                                     log_samples=samples_dir is not None, output_dir=samples_dir)
         result["settings"] = {"limit": limit, "subjects": subjects, "batch_size": batch_size}
     if out:
         atomic_write_bytes(Path(out), (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+def task_paths(tasks: list[str], subjects: list[str] | None, include_path: str | None) -> list[str]:
+    """The include paths the tasks need: offline MMLU's, the offline benchmarks', the user's."""
+    check_names(list(tasks))
+    paths = []
+    if any(t.startswith("mmlu_offline") for t in tasks):
+        if include_path:
+            raise UserError("--include-path cannot be combined with the mmlu_offline tasks; run them separately")
+        paths.append(str(mmlu_task_dir(subjects)))
+    benches = [t for t in expand(list(tasks)) if t in BENCHES]
+    if benches:
+        paths.append(str(bench_task_dir(benches)))
+    if include_path:
+        paths.append(include_path)
+    return paths
 
 
 def format_table(result: dict) -> str:
@@ -87,6 +101,7 @@ def format_table(result: dict) -> str:
     for task, t in result["tasks"].items():
         lo, hi = t["ci95"]
         irt = f", IRT estimate {t['irt_estimate']:.4f}" if "irt_estimate" in t else ""
+        irt += f", centered {t['centered']:+.3f}" if "centered" in t else ""
         lines.append(f"  {task:<20} {t['metric']} {t['value']:.4f} (95% CI {lo:.3f}-{hi:.3f}, n={t['n']}; "
                      f"{t['kind']}){irt}")
     return "\n".join(lines)

@@ -91,6 +91,47 @@ def _plot(path: Path, title: str, ylabel: str, curves: list[tuple[str, list, lis
     return path
 
 
+def _bench_section(out: Path, recs: dict[str, list[dict]], shift: dict[str, int]) -> tuple[list, list[str]]:
+    """The capability curve (train.eval_tasks' `bench` rows): score vs tokens with its 95% band, each
+    task's centered accuracy thin behind it; and the last scoring's table."""
+    rows = {name: [r for r in rs if r["type"] == "bench"] for name, rs in recs.items()}
+    if not any(rows.values()):
+        return [], []
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    md = ["", "## Capability curve", "",
+          "Accuracy centered on chance ((acc - chance) / (1 - chance); 0 = chance, 1 = perfect), the mean over "
+          "the tasks scored during training, with its 95% interval (README: Capability score).", ""]
+    for name, rs in rows.items():
+        if not rs:
+            continue
+        xs = [r["tokens_seen"] + shift[name] for r in rs]
+        if "score" in rs[0]:
+            ax.plot(xs, [r["score"] for r in rs], "o-", label=f"{name} capability score", linewidth=1.6)
+            ax.fill_between(xs, [r["score_lo"] for r in rs], [r["score_hi"] for r in rs], alpha=0.2)
+        tasks = sorted(k[: -len("_centered")] for k in rs[0] if k.endswith("_centered"))
+        for task in tasks:
+            ax.plot(xs, [r.get(f"{task}_centered") for r in rs], "-", linewidth=0.7, alpha=0.6,
+                    label=task.replace("_offline", ""))
+        last = rs[-1]
+        table = [[t, f"{last[f'{t}_centered']:+.3f}", last[f"{t}_n"]] for t in tasks]
+        if "score" in last:
+            table.append(["**capability score**", f"{last['score']:+.3f} ({last['score_lo']:+.3f} to "
+                                                  f"{last['score_hi']:+.3f})", sum(last[f"{t}_n"] for t in tasks)])
+        md += [f"{name}, step {last['step']} ({last['tokens_seen']:,} tokens):", "",
+               _table(["task", "centered accuracy", "items"], table), ""]
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_title("Capability during training")
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("accuracy centered on chance")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "capability.png")
+    plt.close(fig)
+    return [("Capability", out / "capability.png")], md
+
+
 def _positions_plot(path: Path, pos: dict) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
@@ -181,6 +222,9 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
             if pos.get("gap_beyond_trained") is not None:
                 md += ["", f"Beyond the trained length the fine-tuned model's loss is {pos['gap_beyond_trained']:.3f} "
                            "nats/token lower than the better of the other two."]
+    bench_figs, bench_md = _bench_section(out, recs, shift)
+    figs += bench_figs
+    md += bench_md
     if results:
         md += ["", "## Evaluation", ""]
         for path, res in results:

@@ -1,0 +1,42 @@
+"""Benchmarks scored during training (`train.eval_tasks`): lm-eval on the model being trained, in
+the run's precision, eager, its per-task and capability scores as one flat `bench` row of
+metrics.jsonl (and TensorBoard/wandb scalars)."""
+
+from __future__ import annotations
+
+import torch
+
+from ..eval.harness import run_tasks
+from ..eval.tasks import BENCHES, bench_task_dir
+from ..eval.mmlu import mmlu_task_dir
+
+
+def task_paths(tasks: list[str]) -> list[str]:
+    paths = [str(bench_task_dir([t for t in tasks if t in BENCHES]))] if any(t in BENCHES for t in tasks) else []
+    if any(t.startswith("mmlu_offline") for t in tasks):
+        paths.append(str(mmlu_task_dir()))
+    return paths
+
+
+def score_tasks(model, tokenizer, tasks: list[str], limit: int | None, autocast, batch_size: int) -> dict:
+    """{score, score_lo, score_hi, TASK_acc, TASK_centered, TASK_n, ..., items} for a `bench` row;
+    `items`: per offline task, its items' results in doc order as a string of 0/1."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.compiler.set_stance("force_eager"):
+            result = run_tasks(model, tokenizer, tasks, task_paths(tasks), limit, batch_size, autocast=autocast)
+    finally:
+        model.train(was_training)
+    row: dict = {}
+    if "capability" in result:
+        cap = result["capability"]
+        row.update(score=cap["value"], score_lo=cap["ci95"][0], score_hi=cap["ci95"][1])
+    for task in tasks:
+        r = result[task]
+        row[f"{task}_{r['metric']}"] = r["value"]
+        row[f"{task}_n"] = r["n"]
+        if "centered" in r:
+            row[f"{task}_centered"] = r["centered"]
+    row["items"] = {t: "".join(map(str, result[t]["correct"])) for t in tasks if "correct" in result[t]}
+    return row
