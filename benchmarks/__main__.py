@@ -99,7 +99,7 @@ def train_step(args) -> dict:
             opt.zero_grad(set_to_none=True)
         return step
 
-    auto = choose_compile("auto", "auto", cpu, 1000)  # what a long run gets on this machine by default
+    auto = choose_compile("auto", "auto", cpu, 1000, BENCH_MODEL["hidden_size"], prec.name)  # a long run's default
     fns = {"ours_eager": ours(False), "ours_compiled": ours(True), "ours_default": ours(auto.blocks, auto.loss),
            "transformers_fp32": transformers_step(False, False),
            "transformers": transformers_step(False, True), "transformers_compiled": transformers_step(True, True)}
@@ -257,6 +257,14 @@ def compile_cost(args) -> dict:
 
 
 @benchmark
+def bench_cost(args) -> dict:
+    """train.eval_tasks' share of a run's time per preset (benchmarks/throughput.py)."""
+    from benchmarks import throughput
+
+    return throughput.bench_cost(args, report)
+
+
+@benchmark
 def recipe(args) -> dict:
     """Optimizer x schedule at a fixed token budget on the `tiny` preset (benchmarks/recipe.py)."""
     from benchmarks import recipe as bench_recipe
@@ -275,6 +283,8 @@ def main(argv=None) -> int:
     p.add_argument("--recipe-overrides", nargs="*", default=[], help="recipe: key=value for every run")
     p.add_argument("--data", help="recipe: a prepared data folder (default: prepare the sample corpus)")
     p.add_argument("--work", help="recipe: where the runs go (default: a temporary folder)")
+    p.add_argument("--bench-presets", nargs="*", default=["llama-150m"], help="bench_cost: presets to estimate")
+    p.add_argument("--bench-limit", type=int, default=10, help="bench_cost: items per task actually scored")
     args = p.parse_args(argv)
     unknown = [n for n in args.names if n not in REGISTRY]
     if unknown:

@@ -97,7 +97,8 @@ def check_attention(p: Plan, fail: list[str], device: str = "cuda") -> None:
 def overrides(steps: int, micro: int, compile_: str = "false", compile_loss: str = "false",
               precision: str = "auto") -> list[str]:
     return [f"train.max_steps={steps}", f"train.micro_batch={micro}", f"train.batch_tokens={micro * 256 * 2}",
-            f"train.compile={compile_}", f"train.compile_loss={compile_loss}", "train.eval_every=0", f"train.save_every={steps}",
+            f"train.compile={compile_}", f"train.compile_loss={compile_loss}", "train.eval_every=0",
+            "train.eval_tasks=null", f"train.save_every={steps}",
             "train.warmup_steps=10", "train.sample_prompt=''", "train.eval_tokens=65536", f"train.precision={precision}"]
 
 
@@ -145,7 +146,8 @@ def distributed_checks(data: str, tmp: Path, steps: int, overrides: list[str], f
     same function runs in the tests with a micro model."""
     env = {**os.environ, **(env or {})}
     base = [sys.executable, "-m", "llamaforge", "train", "--data", data, "--preset", preset, "--max-steps", str(steps),
-            "--eval-every", "0", "--train.sample_prompt", "The", "--train.optimizer", "adamw",  # FSDP2 refuses Muon
+            "--eval-every", "0", "--train.eval_tasks", "null", "--train.sample_prompt", "The",
+            "--train.optimizer", "adamw",  # FSDP2 refuses Muon
             *overrides]
     torchrun = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m",
                 "llamaforge", *base[3:]]

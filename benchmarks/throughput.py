@@ -204,3 +204,73 @@ def compile_cost(args, report) -> dict:
     main = names[0]
     return report("compile_cost", 1 / out[(main, "both")][1], 1 / out[(main, "eager")][1], "eager (train.compile false)",
                   "tiny steps/s", {f"{n}_{m}": [round(v, 3) for v in fs] for (n, m), fs in out.items()})
+
+
+def _scored_tokens(tokenizer, tasks: list[str], limit: int, context: int) -> int:
+    """Tokens lm-eval runs through the model for `limit` items of each task (one forward per choice,
+    context + choice, cut to the model's context)."""
+    from llamaforge.eval.tasks import BENCHES, build_rows
+
+    total = 0
+    for name in tasks:
+        for r in build_rows(BENCHES[name])[:limit]:
+            pairs = ([(c, r["continuation"]) for c in r["contexts"]] if "contexts" in r else
+                     [(r["query"], ch) for ch in r["choices"]])
+            total += sum(min(context, len(tokenizer(f"{a} {b}").input_ids)) for a, b in pairs)
+    return total
+
+
+def bench_cost(args, report) -> dict:
+    """What `train.eval_tasks` costs against training. Measured on this CPU at the `tiny` preset:
+    one scoring of the capability tasks (`--bench-limit` items each, scaled linearly to the preset's
+    eval_tasks_limit) against the preset's training between two scorings (timed steps). For the
+    other presets (too slow to time on a CPU) an estimate: the scoring's forward FLOPs over the
+    training FLOPs between scorings, times the overhead measured at `tiny` (how much slower per FLOP
+    lm-eval's scoring ran than training did)."""
+    from llamaforge.config import load_config
+    from llamaforge.eval.tasks import CAPABILITY, expand
+    from llamaforge.model.io import build_model
+    from llamaforge.tokenizer import load_tokenizer
+    from llamaforge.train.bench import score_tasks
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.precision import choose
+    from llamaforge.train.step import train_step
+
+    tok = load_tokenizer("mistral")
+    cfg = load_config("tiny")
+    t = cfg.train
+    prec = choose(t.precision, torch.device("cpu"))
+    model = build_model(cfg.model).train()
+    opt = build_optimizer(model, t.lr, device=torch.device("cpu"), kind=t.optimizer, muon_lr=t.muon_lr)
+    x = torch.randint(0, cfg.model.vocab_size, (t.batch_tokens // t.seq_len, t.seq_len + 1),
+                      generator=torch.Generator().manual_seed(0))
+    batch = [(x[:, :-1], x[:, 1:])]
+    train_step(model, opt, batch, precision=prec)  # warm-up
+    start = time.perf_counter()
+    for _ in range(3):
+        train_step(model, opt, batch, precision=prec)
+    step_s = (time.perf_counter() - start) / 3
+    tasks = expand([CAPABILITY])
+    start = time.perf_counter()
+    score_tasks(model, tok, tasks, args.bench_limit, prec.autocast, 4)
+    scoring = (time.perf_counter() - start) * 100 / args.bench_limit
+    scored = _scored_tokens(tok, tasks, 100, cfg.model.max_position_embeddings)
+    # per FLOP: scoring runs 2 x params x tokens, training 6 x params x tokens
+    overhead = scoring / (scored / 3 / (t.batch_tokens / step_s))
+    frac_tiny = scoring / (scoring + t.eval_every * step_s)
+    print(f"  tiny (measured): one scoring of {len(tasks)} tasks x 100 items {scoring:,.0f} s ({scored:,} tokens "
+          f"scored), {t.eval_every} steps between scorings {t.eval_every * step_s:,.0f} s: {frac_tiny:.1%} of the time; "
+          f"scoring ran {overhead:.1f}x slower per FLOP than training")
+    rows = {"tiny_measured": {"scoring_s": round(scoring, 1), "step_s": round(step_s, 3), "fraction": round(frac_tiny, 4),
+                              "scored_tokens": scored, "overhead_per_flop": round(overhead, 2)}}
+    for preset in args.bench_presets:
+        c = load_config(preset).train
+        every = c.eval_tasks_every or c.eval_every
+        limit = c.eval_tasks_limit or 100
+        tokens = _scored_tokens(tok, expand([c.eval_tasks or CAPABILITY]), limit, load_config(preset).model.max_position_embeddings)
+        frac = tokens / 3 * overhead / (every * c.batch_tokens)
+        rows[preset] = {"scored_tokens": tokens, "every": every, "limit": limit, "fraction_estimate": round(frac, 5)}
+        print(f"  {preset} (estimate): {tokens:,} tokens scored every {every} steps of {c.batch_tokens:,} tokens: "
+              f"~{frac:.2%} of the training time at the overhead measured at tiny")
+    return report("bench_cost", 1 - frac_tiny, 1.0, "training without in-loop scoring (tiny, 100 items every 100 steps)",
+                  "share of time training", rows)

@@ -99,17 +99,21 @@ def test_compile_auto_compiles_where_it_pays_and_says_why(monkeypatch):
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(compiling, "_PROBED", {"cpu": "", "cuda": ""})
-    short = compiling.choose("auto", "auto", cpu, compiling.MIN_STEPS - 1)
+    short = compiling.choose("auto", "auto", cpu, compiling.MIN_STEPS - 1, 768, "bf16")
     assert (short.blocks, short.loss, short.label()) == (False, False, "eager") and "too few" in short.reason
-    long = compiling.choose("auto", "auto", cpu, 600)
-    assert (long.blocks, long.loss) == (True, True) and long.label() == "compiled: blocks + fused loss"
-    gpu = compiling.choose("auto", "auto", cuda, 2000)
+    for hidden, precision, want in ((128, "bf16", (False, True)), (128, "fp32", (False, False)),
+                                    (512, "fp32", (True, False)), (768, "bf16", (True, True))):
+        got = compiling.choose("auto", "auto", cpu, 600, hidden, precision)
+        assert (got.blocks, got.loss) == want, (hidden, precision, got)
+    assert compiling.choose("auto", "auto", cpu, 600, 768, "bf16").label() == "compiled: blocks + fused loss"
+    assert "no faster" in compiling.choose("auto", "auto", cpu, 600, 128, "fp32").reason
+    gpu = compiling.choose("auto", "auto", cuda, 2000, 768, "bf16")
     assert (gpu.blocks, gpu.loss) == (True, False)
-    assert compiling.choose("auto", "true", cuda, 2000).loss is True  # asked for: gpu-check's second run
-    assert compiling.choose("false", "auto", cpu, 600).blocks is False
+    assert compiling.choose("auto", "true", cuda, 2000).loss is True  # asked for: gpu-check's third run
+    assert compiling.choose("false", "auto", cpu, 600, 128, "bf16").label() == "eager"
     assert compiling.choose("true", "false", cpu, 10).label() == "compiled: blocks"
     monkeypatch.setattr(compiling, "_PROBED", {"cpu": "CalledProcessError: g++ not found"})
-    broken = compiling.choose("auto", "auto", cpu, 600)
+    broken = compiling.choose("auto", "auto", cpu, 600, 768, "bf16")
     assert (broken.blocks, broken.loss) == (False, False) and "g++ not found" in broken.reason
     with pytest.raises(UserError, match="train.compile is true but torch.compile cannot build kernels here.*g\\+\\+"):
         compiling.choose("true", "auto", cpu, 600)

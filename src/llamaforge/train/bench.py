@@ -4,6 +4,9 @@ metrics.jsonl (and TensorBoard/wandb scalars)."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import torch
 
 from ..eval.harness import run_tasks
@@ -23,11 +26,16 @@ def score_tasks(model, tokenizer, tasks: list[str], limit: int | None, autocast,
     `items`: per offline task, its items' results in doc order as a string of 0/1."""
     was_training = model.training
     model.eval()
-    try:
-        with torch.compiler.set_stance("force_eager"):
+    states = random.getstate(), np.random.get_state()
+    try:  # lm-eval seeds python, numpy and torch: the run's random streams are put back as they were
+        device = next(model.parameters()).device
+        cuda = [device] if device.type == "cuda" else []
+        with torch.compiler.set_stance("force_eager"), torch.random.fork_rng(devices=cuda):
             result = run_tasks(model, tokenizer, tasks, task_paths(tasks), limit, batch_size, autocast=autocast)
     finally:
         model.train(was_training)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
     row: dict = {}
     if "capability" in result:
         cap = result["capability"]

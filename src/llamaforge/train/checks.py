@@ -37,7 +37,10 @@ def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
     if t.tensorboard:
         require_extra("tensorboard", "tensorboard")
     if t.eval_tasks:
-        require_extra("lm_eval", "eval")
+        try:
+            require_extra("lm_eval", "eval")
+        except UserError as e:
+            raise UserError(f"train.eval_tasks ({t.eval_tasks}): {e}, or --train.eval_tasks null") from None
         check_names(task_list(t.eval_tasks))
         if t.eval_tasks_limit is not None and t.eval_tasks_limit < 1:
             raise UserError(f"train.eval_tasks_limit is {t.eval_tasks_limit}; it must be at least 1 (or null: every item)")

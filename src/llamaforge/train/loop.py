@@ -154,7 +154,8 @@ class Trainer:
         """Precision, compiled blocks, the DDP/FSDP2 wrapper, then optimizer, schedule and scaler."""
         t, d = self.t, self.d
         self.precision = choose_precision(t.precision, d.device)
-        self.compiled = choose_compile(t.compile, t.compile_loss, d.device, t.max_steps)
+        self.compiled = choose_compile(t.compile, t.compile_loss, d.device, t.max_steps, self.model.config.hidden_size,
+                                       self.precision.name)
         if self.compiled.blocks:  # each block, before DDP/FSDP wraps the model
             compile_blocks(self.model)
         self.model.compiled_loss = self.compiled.loss

@@ -25,7 +25,9 @@ def steps(out: Path, quick: bool) -> list[list[str]]:
         extend = ["--max-steps", "2", "--eval-every", "2", "--batch-tokens", "2048", "--train.eval_tokens", "2048"]
         tasks: list[str] = []
     else:
-        model, train, extend = [], ["--max-steps", "320"], []  # Muon + WSD: fewer steps than AdamW needed
+        model, extend = [], []
+        train = ["--max-steps", "320",  # Muon + WSD: fewer steps than AdamW needed
+                 "--train.eval_tasks", "capability", "--train.eval_tasks_every", "80", "--train.eval_tasks_limit", "20"]
         tasks = ["--tasks", "mmlu_offline_100"]
     return [
         ["prepare", "--source", "sample", "--out", str(data)],
