@@ -89,18 +89,25 @@ class Muon(_TorchMuon):
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
             owner = owners([p.shape for p in params], world)
             updates = []
-            for i, (g, buf) in enumerate(zip(grads, bufs)):
+            for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
                 buf.lerp_(g, 1 - mu)
                 update = g.lerp(buf, mu) if group["nesterov"] else buf
-                mine = owner[i] == rank
-                updates.append(newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                             self.ns_dtype) if mine else None)
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
+                                       self.ns_dtype) if owner[i] == rank else None
+                if world == 1:  # applied at once: no matrix of updates is held
+                    _apply(p, update, lr, wd, group["adjust_lr_fn"])
+                else:
+                    updates.append(update)
             if world > 1:
                 updates = all_gather_updates(updates, [p.shape for p in params], owner, rank, world, self.ns_dtype,
                                              params[0].device)
-            for p, update in zip(params, updates):
-                p.mul_(1 - lr * wd)
-                p.add_(update, alpha=-_adjust_lr(lr, group["adjust_lr_fn"], p.shape))  # torch's own adjustment
+                for p, update in zip(params, updates):
+                    _apply(p, update, lr, wd, group["adjust_lr_fn"])
+
+
+def _apply(p, update, lr: float, wd: float, adjust_lr_fn) -> None:
+    p.mul_(1 - lr * wd)
+    p.add_(update, alpha=-_adjust_lr(lr, adjust_lr_fn, p.shape))  # torch's own adjustment
 
 
 def _rank_world() -> tuple[int, int]:
