@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import dotlist, stories_data
+from helpers import stories_data
 from llamaforge.eval.tasks import BENCHES, CAPABILITY, bench_task_dir, build_rows, capability_score, expand
 from llamaforge.runs import read_metrics
 
@@ -159,3 +159,23 @@ def test_the_in_loop_score_equals_the_lm_eval_command_item_for_item(scored_run):
         rows = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda s: s["doc_id"])
         metric = BENCHES[task].metric
         assert "".join(str(int(s[metric])) for s in rows) == last["items"][task], task
+
+
+@pytest.mark.slow  # ~40 s: a torchrun launch; CI runs the slow tier
+@pytest.mark.skipif(not Path(sys.executable).with_name("torchrun").exists(), reason="torchrun not installed")
+def test_ddp_scores_on_the_main_rank_while_the_other_waits(scored_run, tmp_path):
+    """2 processes on gloo with train.eval_tasks: one bench row per scoring (rank 0's), no hang."""
+    import os
+
+    out = tmp_path / "ddp"
+    over = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_hidden_layers=1",
+            "model.num_attention_heads=2", "model.num_key_value_heads=1", "train.seq_len=64", "train.eval_tokens=512",
+            "train.precision=fp32", "train.tensorboard=false", "train.eval_tasks=copa_offline", "train.eval_tasks_limit=4"]
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2", "-m", "llamaforge",
+           "train", "--data", str(scored_run / "d"), "--out", str(out), "--preset", "tiny", "--max-steps", "2",
+           "--eval-every", "2", "--save-every", "0", "--batch-tokens", "512",
+           *sum(([f"--{k}", v] for k, v in (kv.split("=", 1) for kv in over)), [])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [r for r in read_metrics(out) if r["type"] == "bench"]
+    assert [r["step"] for r in rows] == [2] and rows[0]["copa_offline_n"] == 4 and len(rows[0]["items"]["copa_offline"]) == 4
