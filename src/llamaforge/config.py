@@ -68,7 +68,7 @@ class TrainConfig:
     seed: int = 1337
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (train/precision.py: chosen from the hardware)
     compile: str = "auto"  # auto | true | false: torch.compile the blocks (auto: where it pays, train/compiling.py)
-    compile_loss: str = "auto"  # auto | true | false: compile the fused head + loss's chunks (auto: on CPU with compile)
+    compile_loss: str = "auto"  # auto | true | false: compile the fused head + loss's chunks (auto: in bf16 on CPUs, train/compiling.py)
     activation_checkpointing: bool = False
     fsdp: bool = False
     time_limit: Optional[str] = None  # e.g. 11h30m: stop with a checkpoint before a session's hard limit (exit 75)

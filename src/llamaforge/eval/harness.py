@@ -99,8 +99,8 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | lis
         for task in benches:
             out[task]["centered"] = score["tasks"][task]["centered"]
         out["capability"] = {"metric": "capability score (centered accuracy, mean over tasks)", "value": score["score"],
-                             "ci95": score["ci95"], "n": sum(len(v) for v in items.values()), "kind": "centered on chance; normal 95% interval",
-                             "tasks": benches}
+                             "ci95": score["ci95"], "n": sum(len(v) for v in items.values()),
+                             "kind": "centered on chance; normal 95% interval", "tasks": benches}
     if output_dir and log_samples:
         from lm_eval.loggers import EvaluationTracker
 

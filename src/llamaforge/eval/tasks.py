@@ -28,7 +28,7 @@ from typing import Callable
 from ..cache import cache_dir, carried_folder
 from ..errors import UserError
 from ..fsutil import atomic_write_bytes
-from .mmlu import OLMO
+from .mmlu import OLMO, mmlu_task_dir
 
 ORDER_SEED = 1234  # the stored order: --limit N takes its first N
 
@@ -155,6 +155,13 @@ def bench_task_dir(names: list[str]) -> Path:
         atomic_write_bytes(data, "".join(json.dumps(r) + "\n" for r in build_rows(bench)).encode())
         atomic_write_bytes(folder / f"{name}.yaml", task_yaml(bench, data).encode())
     return folder
+
+
+def include_paths(tasks: list[str], subjects: list[str] | None = None) -> list[str]:
+    """The lm-eval include paths our offline tasks among `tasks` need (built once into the cache)."""
+    paths = [str(mmlu_task_dir(subjects))] if any(t.startswith("mmlu_offline") for t in tasks) else []
+    benches = [t for t in expand(list(tasks)) if t in BENCHES]
+    return paths + ([str(bench_task_dir(benches))] if benches else [])
 
 
 def check_names(names: list[str]) -> None:

@@ -10,15 +10,7 @@ import numpy as np
 import torch
 
 from ..eval.harness import run_tasks
-from ..eval.tasks import BENCHES, bench_task_dir
-from ..eval.mmlu import mmlu_task_dir
-
-
-def task_paths(tasks: list[str]) -> list[str]:
-    paths = [str(bench_task_dir([t for t in tasks if t in BENCHES]))] if any(t in BENCHES for t in tasks) else []
-    if any(t.startswith("mmlu_offline") for t in tasks):
-        paths.append(str(mmlu_task_dir()))
-    return paths
+from ..eval.tasks import include_paths
 
 
 def score_tasks(model, tokenizer, tasks: list[str], limit: int | None, autocast, batch_size: int) -> dict:
@@ -31,7 +23,7 @@ def score_tasks(model, tokenizer, tasks: list[str], limit: int | None, autocast,
         device = next(model.parameters()).device
         cuda = [device] if device.type == "cuda" else []
         with torch.compiler.set_stance("force_eager"), torch.random.fork_rng(devices=cuda):
-            result = run_tasks(model, tokenizer, tasks, task_paths(tasks), limit, batch_size, autocast=autocast)
+            result = run_tasks(model, tokenizer, tasks, include_paths(tasks), limit, batch_size, autocast=autocast)
     finally:
         model.train(was_training)
         random.setstate(states[0])

@@ -6,8 +6,9 @@ model) and, separately, the per-chunk math of the fused head + loss (the model's
 
 `auto` compiles where it pays: inductor must be able to build kernels here (a C++ compiler on a CPU,
 triton on CUDA: probed once, by compiling a one-line function), and the run must be long enough to
-repay the warm-up (measured on a 2-core AMD EPYC: ~10-14 s cold for the blocks and ~12 s for the
-loss at the `tiny` preset, against 0.5 s a step saved in bf16; README: Compilation). The loss
+repay the warm-up (`python -m benchmarks compile_cost` on a 2-core AMD EPYC Zen 4: a cold first step
+of 15 s with the loss compiled, 22-29 s with the blocks, against 0.42 s a step saved by the loss in
+bf16 at the `tiny` preset; README: Compilation). The loss
 chunks are compiled by `auto` on CPUs only: on CUDA an earlier compiled loss gave zero gradients, so
 there it stays off until `make gpu-check` (which runs it both ways) has measured it on a GPU.
 """
@@ -53,11 +54,11 @@ def choose(compile_: str, compile_loss: str, device: torch.device, max_steps: in
            precision: str = "bf16") -> CompileChoice:
     """The blocks' and the loss's compilation for a run of `max_steps` on `device`, and why.
 
-    `auto` on CUDA: the blocks (1.64x eager on an H100 at llama-150m), not the loss (not yet measured
-    there). On a CPU, where each was measured (benchmarks compile_cost, train_step): the blocks from
-    hidden size BLOCKS_MIN_HIDDEN (1.32x eager at 512 in bf16 here, 1.21x in fp32 on an AVX2 EPYC; at
-    128 within noise of eager and 20-30 s of warm-up), the loss in bf16 (0.72x the step time at the
-    `tiny` preset; in fp32 within noise)."""
+    `auto` on CUDA: the blocks (1.64x eager on an H100 at llama-150m: README's gpu-check figures), not
+    the loss (not yet measured there). On a CPU (benchmarks compile_cost, train_step): the blocks from
+    hidden size BLOCKS_MIN_HIDDEN (1.32x eager at 512 in bf16 here; the issue measured 1.21x in fp32
+    on an AVX2 EPYC; at 128 within noise of eager, with 22-29 s of warm-up), the loss in bf16 (0.72x
+    the step time at the `tiny` preset; in fp32 within noise)."""
     if compile_ == "false" and compile_loss != "true":
         return CompileChoice(False, False, "train.compile: false")
     wanted = {"true": True, "false": False}

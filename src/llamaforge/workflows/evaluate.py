@@ -11,8 +11,7 @@ import torch
 from ..data.prepare import read_meta
 from ..errors import UserError, require_extra
 from ..eval.harness import run_tasks
-from ..eval.mmlu import mmlu_task_dir
-from ..eval.tasks import BENCHES, bench_task_dir, check_names, expand
+from ..eval.tasks import check_names, expand, include_paths
 from ..eval.perplexity import perplexity_on_split, perplexity_on_text
 from ..fsutil import atomic_write_bytes, check_replaceable_file
 from ..tokenizer import load_tokenizer
@@ -80,17 +79,9 @@ def _evaluate(model, tok_dir, model_path, data_dir, text, tasks, limit, subjects
 def task_paths(tasks: list[str], subjects: list[str] | None, include_path: str | None) -> list[str]:
     """The include paths the tasks need: offline MMLU's, the offline benchmarks', the user's."""
     check_names(list(tasks))
-    paths = []
-    if any(t.startswith("mmlu_offline") for t in tasks):
-        if include_path:
-            raise UserError("--include-path cannot be combined with the mmlu_offline tasks; run them separately")
-        paths.append(str(mmlu_task_dir(subjects)))
-    benches = [t for t in expand(list(tasks)) if t in BENCHES]
-    if benches:
-        paths.append(str(bench_task_dir(benches)))
-    if include_path:
-        paths.append(include_path)
-    return paths
+    if include_path and any(t.startswith("mmlu_offline") for t in tasks):
+        raise UserError("--include-path cannot be combined with the mmlu_offline tasks; run them separately")
+    return include_paths(tasks, subjects) + ([include_path] if include_path else [])
 
 
 def format_table(result: dict) -> str:
