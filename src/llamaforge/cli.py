@@ -17,8 +17,10 @@ from transformers.utils import logging as hf_logging
 from .config import load_config
 from .data.prepare import prepare
 from .errors import UserError
+from .model.usercode import load_code
 from .runs import positions_path
 from .train.preempt import EXIT_STOPPED, Stopped
+from .workflows.check import check_model, format_rows, read_name_map
 from .workflows.demo import report_path as demo_report_path
 from .workflows.demo import steps as demo_steps
 from .workflows.evaluate import evaluate, format_table
@@ -40,20 +42,25 @@ def _split(value: str | None) -> list[str]:
     return [x for x in (value or "").split(",") if x]
 
 
+def _code(args):
+    """--model-code / --model-class: the user's model code (imported only when named), else ours."""
+    return load_code(getattr(args, "model_code", None), getattr(args, "model_class", None))
+
+
 def cmd_init(args) -> None:
     cfg = load_config(args.preset, args.config, args.overrides)
-    n = init_model(cfg, args.out, tokenizer=args.tokenizer, seed=args.seed)
+    n = init_model(cfg, args.out, tokenizer=args.tokenizer, seed=args.seed, code=_code(args))
     print(f"parameters: total {_fmt(n['total'])}, non-embedding {_fmt(n['non_embedding'])}")
     print(args.out)
 
 
 def cmd_export(args) -> None:
-    print(export_model(args.model, args.out, fmt=args.format, evals=args.eval or []))
+    print(export_model(args.model, args.out, fmt=args.format, evals=args.eval or [], code=_code(args)))
 
 
 def cmd_generate(args) -> None:
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
-    model, tok, prompts = load_for_generation(args.model, prompts, chat=args.chat)
+    model, tok, prompts = load_for_generation(args.model, prompts, chat=args.chat, code=_code(args))
     stream = len(prompts) == 1
     if stream:
         print(prompts[0], end="", flush=True)
@@ -82,17 +89,20 @@ TRAIN_FLAGS = {"max_steps": int, "save_every": int, "eval_every": int, "seed": i
 def _train_overrides(args) -> list[str]:
     """Plain flags (--max-steps ...) become train.* overrides, after --key value ones."""
     extra = [f"train.{k}={getattr(args, k)}" for k in TRAIN_FLAGS if getattr(args, k) is not None]
+    if getattr(args, "allow_code_change", False):
+        extra.append("train.allow_code_change=true")
     return list(args.overrides) + extra
 
 
 def cmd_train(args) -> None:
     cfg = load_config(args.preset, args.config, _train_overrides(args))
-    print(pretrain(cfg, args.data, args.out, resume=args.resume))
+    print(pretrain(cfg, args.data, args.out, resume=args.resume, code=_code(args)))
 
 
 def cmd_extend(args) -> None:
     cfg = load_config(args.preset, args.config, _train_overrides(args))
-    final = extend(cfg, args.model, args.data, args.out, seq_len=args.seq_len, factor=args.factor, resume=args.resume)
+    final = extend(cfg, args.model, args.data, args.out, seq_len=args.seq_len, factor=args.factor, resume=args.resume,
+                   code=_code(args))
     print(positions_path(Path(args.out)))
     print(final)
 
@@ -101,7 +111,7 @@ def cmd_eval(args) -> None:
     result = evaluate(args.model, data_dir=args.data, text=args.text, tasks=_split(args.tasks), limit=args.limit,
                       subjects=_split(args.subjects) or None, include_path=args.include_path,
                       irt_params=args.irt_params, batch_size=args.batch_size, out=args.out,
-                      samples_dir=args.log_samples, max_tokens=args.max_tokens)
+                      samples_dir=args.log_samples, max_tokens=args.max_tokens, code=_code(args))
     print(format_table(result))
     if args.out:
         print(args.out)
@@ -115,7 +125,7 @@ def cmd_sft(args) -> None:
     preset = args.preset or (None if args.config else "tiny-sft")
     cfg = load_config(preset, args.config, _train_overrides(args))
     final, stats = sft(cfg, args.model, args.data, args.out, strict=args.strict, val_fraction=args.val_fraction,
-                       resume=args.resume)
+                       resume=args.resume, code=_code(args))
     skipped = ", ".join(f"{v} {k}" for k, v in stats.skipped.items()) or "none"
     print(f"conversations: {stats.read} read, {stats.kept} used; skipped: {skipped}")
     print(final)
@@ -132,7 +142,21 @@ def cmd_demo(args) -> None:
 
 
 def cmd_push(args) -> None:
-    print(push(args.model, args.repo, private=args.private, revision=args.revision, fmt=args.format))
+    print(push(args.model, args.repo, private=args.private, revision=args.revision, fmt=args.format, code=_code(args)))
+
+
+def cmd_check(args) -> int:
+    """The table of checks; exit 1 when one fails (2 for bad input, as everywhere)."""
+    def progress(name: str) -> None:
+        if sys.stderr.isatty():
+            print(f"  checking {name} ...", file=sys.stderr, flush=True)
+
+    rows = check_model(_code(args), args.preset, only=_split(args.only) or None, json_out=args.json,
+                       name_map=read_name_map(args.reference_names), progress=progress)
+    print(format_rows(rows))
+    if args.json:
+        print(args.json)
+    return 1 if any(r.status == "fail" for r in rows) else 0
 
 
 def _train_args(p: argparse.ArgumentParser, preset_help: str) -> None:
@@ -143,6 +167,17 @@ def _train_args(p: argparse.ArgumentParser, preset_help: str) -> None:
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=kind)
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=None,
                    help="default: resume when RUN_DIR holds a checkpoint")
+    p.add_argument("--allow-code-change", action="store_true",
+                   help="resume a run of your own model code although the code changed since the checkpoint")
+    _code_args(p)
+
+
+def _code_args(p: argparse.ArgumentParser) -> None:
+    """--model-code / --model-class: wherever a model is built or loaded."""
+    p.add_argument("--model-code", metavar="PATH",
+                   help="your own model: a folder with configuration_*.py + modeling_*.py, or one .py file "
+                        "(README: Bring your own model)")
+    p.add_argument("--model-class", metavar="NAME", help="the model class, when the code defines several")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -150,6 +185,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="a YAML config file")
     p.add_argument("--tokenizer", help="mistral (offline), a folder, or a Hub name")
     p.add_argument("--seed", type=int, default=0)
+    _code_args(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -201,6 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="windows / requests per forward (default: 4 on a CPU, 32 on CUDA)")
     p.add_argument("--log-samples", metavar="DIR", help="write lm-eval's per-sample records into DIR")
     p.add_argument("--out", help="results JSON file")
+    _code_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("report", help="report.md + report.html with plots, from runs and eval results")
@@ -230,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="a branch to push to (created if missing)")
     p.add_argument("--format", choices=["llamaforge", "llama"], default="llamaforge",
                    help="llama: push the stock LlamaForCausalLM export instead")
+    _code_args(p)
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("export", help="copy a model folder, or convert it to stock transformers Llama")
@@ -238,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="llama: stock LlamaForCausalLM; gpt2: stock GPT2LMHeadModel (gpt2 presets)")
     p.add_argument("--eval", action="append", help="results JSON from `llamaforge eval --out`, for the model card")
     p.add_argument("--out", required=True)
+    _code_args(p)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample continuations (streams a single prompt)")
@@ -250,7 +289,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the model's chat template")
     p.add_argument("--seed", type=int, default=0)
+    _code_args(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("check", help="check a model you wrote against what a LLaMA must do (README: Bring your own model)")
+    _code_args(p)
+    p.add_argument("--preset", default="llama-150m", help="the size the parameter count is taken at (default: llama-150m)")
+    p.add_argument("--only", help="comma-separated check names (default: all)")
+    p.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    p.add_argument("--reference-names", metavar="FILE",
+                   help="a JSON list of [regex, replacement] pairs mapping your parameter names to transformers' Llama names")
+    p.set_defaults(func=cmd_check)
     return parser
 
 
@@ -283,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
             hf_logging.set_verbosity_error()  # transformers' load reports and notices are not ours to show
             hf_logging.disable_progress_bar()
-        args.func(args)
+        code = args.func(args)
     except UserError as e:
         print(f"llamaforge: error: {e}", file=sys.stderr)
         return 2
@@ -305,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llamaforge: internal error: {type(e).__name__}: {first}; rerun with -v for the traceback and "
               "report it", file=sys.stderr)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -73,6 +73,7 @@ class TrainConfig:
     fsdp: bool = False
     time_limit: Optional[str] = None  # e.g. 11h30m: stop with a checkpoint before a session's hard limit (exit 75)
     max_bad_steps: int = 5  # NaN/inf steps in a row before aborting
+    allow_code_change: bool = False  # resume a run of your own model code although the code changed (--allow-code-change)
     sample_prompt: str = "The meaning of life is"
     tensorboard: Optional[bool] = None  # None: when installed; true: required (llamaforge[tensorboard]); false: off
     wandb: bool = False  # true requires llamaforge[wandb]

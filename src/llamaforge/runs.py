@@ -157,6 +157,7 @@ class RunRecord:
     extend: dict | None = None  # from, trained_len, seq_len, factor
     sft: dict | None = None  # from, data, train/val conversations, skipped
     previous_card: dict = field(default_factory=dict)  # the card of the model this run started from
+    code: dict | None = None  # a user's model code: path, sha256, files, class (model/usercode.py)
 
     def to_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if v is not None}

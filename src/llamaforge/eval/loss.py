@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..model.adapter import forward_logits
 
 
 @dataclass
@@ -42,9 +43,11 @@ def windowed_loss(model, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], d
     try:
         for x, y in batches:
             with autocast():
-                logits = model(input_ids=x.to(device), use_cache=False).logits
+                logits = forward_logits(model, x.to(device))  # (b, T, vocab); no KV cache where the model has one
             y = y.to(device)
-            loss = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-100, reduction="none")  # (b, T)
+            # flattened rows, not logits.transpose(1, 2): cross_entropy would copy the transposed logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100,
+                                   reduction="none").view(y.shape)  # (b, T)
             out.total += float(loss.sum())
             out.count += int((y != -100).sum())
             out.rows += len(y)

@@ -79,13 +79,13 @@ class _LogitsCrossEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         loss = torch.zeros((), dtype=torch.float32, device=logits.device)
         for s in range(0, logits.shape[0], chunk):
-            z, t = logits[s : s + chunk].float(), targets[s : s + chunk]
+            z, t = logits[s : s + chunk].float(), targets[s : s + chunk]  # fp32 logits: z IS them (never modified)
             valid = (t != IGNORE)[:, None]
             idx = t.clamp(min=0)[:, None]
             lse = torch.logsumexp(z, dim=-1, keepdim=True)
             loss += ((lse - z.gather(1, idx)) * valid).sum()
             if grad is not None:
-                p = z.sub_(lse).exp_()
+                p = (z - lse).exp_()  # a new chunk-sized tensor: the model's logits stay as they were
                 p.scatter_add_(1, idx, -valid.float()).mul_(valid)
                 grad[s : s + chunk] = p
         ctx.save_for_backward(grad)

@@ -25,6 +25,7 @@ from ..errors import UserError
 from ..fsutil import atomic_folder
 from .convert import from_gpt2, from_llama, rename_legacy, uses_legacy_names
 from .hf import LlamaForgeConfig, LlamaForgeForCausalLM
+from .usercode import BUILTIN, LLAMA_FIELDS, TOKEN_FIELDS, ModelCode
 
 log = logging.getLogger(__name__)
 RECORDS = "llamaforge.json"  # what is known about the model (publish/card.py); also marks the folder as ours
@@ -35,13 +36,19 @@ def is_model_folder(path: Path) -> bool:
     return (Path(path) / "config.json").is_file() and (Path(path) / RECORDS).is_file()
 
 
-def build_model(m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0) -> LlamaForgeForCausalLM:
-    """A freshly initialized model (deterministic for a seed)."""
+def build_model(m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
+                code: ModelCode = BUILTIN):
+    """A freshly initialized model (deterministic for a seed): ours, or the user's `code` given the
+    standard Llama fields of `m` (README: Bring your own model)."""
     kwargs = model_kwargs(m)
     if tokenizer is not None:
         if len(tokenizer) > m.vocab_size:
             raise UserError(f"tokenizer has {len(tokenizer)} tokens but vocab_size is {m.vocab_size}; raise model.vocab_size")
         kwargs.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    if not code.builtin:
+        kwargs = {k: v for k, v in kwargs.items() if k in LLAMA_FIELDS + TOKEN_FIELDS}
+        kwargs["num_key_value_heads"] = kwargs.get("num_key_value_heads") or m.num_attention_heads
+        return code.build(code.make_config(kwargs), seed)
     torch.manual_seed(seed)
     return LlamaForgeForCausalLM(LlamaForgeConfig(**kwargs))
 
@@ -95,8 +102,9 @@ def safetensors_problem(file: Path) -> str | None:
     return None
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForgeForCausalLM:
-    """Our model from a llamaforge folder or a stock Llama folder (converted)."""
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32, code: ModelCode = BUILTIN):
+    """Our model from a llamaforge folder or a stock Llama folder (converted); with the user's `code`,
+    their model class reads the folder (its own, or any whose tensor names it uses)."""
     path = Path(path)
     if not (path / "config.json").exists():
         raise UserError(f"{path} is not a model folder (no config.json); pass a folder written by init, train or export")
@@ -113,8 +121,13 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     except (ValueError, UnicodeDecodeError, AttributeError):
         raise UserError(f"{path / 'config.json'} is not a valid JSON config; re-export the folder") from None
     ours = model_type == "llamaforge" or "LlamaForgeForCausalLM" in json.dumps(cfg.get("auto_map") or {})
+    if code.builtin and cfg.get("auto_map") and not ours:  # code is run only when the user names it
+        raise UserError(f"{path} holds a model with its own code ({', '.join(folder_code(path)) or 'auto_map'}); "
+                        f"pass --model-code {path} to run that code (llamaforge runs no code you did not name)")
     try:
-        if ours and _legacy_weights(path):  # an earlier version's names: renamed while loading
+        if not code.builtin:
+            model, info = code.load_folder(path, dtype)
+        elif ours and _legacy_weights(path):  # an earlier version's names: renamed while loading
             model, info = _load_legacy(path, dtype)
         elif ours:
             model, info = LlamaForgeForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
@@ -126,12 +139,17 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
             model = from_gpt2(gpt2)
         else:
             raise UserError(f"{path} holds a {model_type!r} model; llamaforge reads llamaforge, llama and gpt2 folders")
-    except (RuntimeError, ValueError, OSError) as e:
+    except (RuntimeError, ValueError, OSError, TypeError, KeyError, AttributeError) as e:
         raise UserError(f"cannot load {path}: {str(e).strip().splitlines()[0][:300]}; re-export the folder") from None
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise UserError(f"{path} does not match its config ({bad}); re-export the folder")
     return model.eval()
+
+
+def folder_code(path: Path) -> list[str]:
+    """The .py files a model folder carries (a user's model saved with save_pretrained)."""
+    return sorted(p.name for p in Path(path).glob("*.py"))
 
 
 def _legacy_weights(path: Path) -> bool:

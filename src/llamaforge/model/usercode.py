@@ -181,7 +181,3 @@ def _find_classes(modules: list, class_name: str | None, path: Path) -> tuple[ty
         config_class = configs[0]
     return config_class, model_class
 
-
-def folder_code_files(path: Path) -> list[str]:
-    """The .py files a model folder carries (a user's model saved by save_pretrained), by name."""
-    return sorted(p.name for p in Path(path).glob("*.py"))

@@ -59,9 +59,10 @@ def learns(s: Subject, steps: int = 80, target: float = 1.0) -> Row:
         loss = causal_loss(model, x, y)
         loss.backward()
         opt.step()
-        first = float(loss) if first is None else first
-        if float(loss) < target:
+        first = float(loss.detach()) if first is None else first
+        if float(loss.detach()) < target:
             return Row("learns", "pass", {"loss": round(float(loss), 3), "from": round(first, 3), "steps": step})
+    loss = loss.detach()
     value = {"loss": round(float(loss), 3), "from": round(first, 3), "steps": steps}
     return Row("learns", "fail", value, f"one batch of 64 tokens is still at loss {float(loss):.2f} after {steps} "
                "AdamW steps (lr 3e-3): the gradient does not reach the weights that matter; run the gradients check "

@@ -18,7 +18,7 @@ def export(model, tokenizer: PreTrainedTokenizerBase, out: str | Path, fmt: str,
     """Save `model` in format `fmt` with the tokenizer and a card rendered from `records`."""
     if fmt not in FORMATS:
         raise UserError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
-    if fmt == "llama" and model.config.position_embedding_type != "rope":
+    if fmt == "llama" and getattr(model.config, "position_embedding_type", "rope") != "rope":
         raise UserError("a GPT-2 model exports with --format gpt2, not llama")
     if fmt == "gpt2":
         try:

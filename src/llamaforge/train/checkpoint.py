@@ -25,12 +25,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file, save_model
+from safetensors.torch import load_model as load_into
 
 from ..errors import UserError
 from ..fsutil import atomic_folder
 from ..model.convert import rename_legacy
 from ..model.io import safetensors_problem
-from ..model.hf import LlamaForgeConfig, LlamaForgeForCausalLM
+from ..model.adapter import is_builtin
+from ..model.usercode import BUILTIN, ModelCode
 from ..runs import STATE, checkpoint_dir, checkpoints, checkpoints_dir, read_state
 from .distributed import Dist, unwrap
 from .optim import MuonWithAdamW
@@ -146,9 +148,35 @@ def choose(t, run_dir: Path, d: Dist, resume: bool | None) -> tuple[Path | None,
     return usable, continued, rejected
 
 
+def check_code(path: Path, code: dict | None, allow_change: bool = False) -> None:
+    """Resume only with the model code a checkpoint was trained with (its sha256), unless allowed."""
+    records = read_state(path).get("records")
+    saved = records.get("code") if isinstance(records, dict) else None
+    if not saved and not code:
+        return
+    if saved and not code:
+        raise UserError(f"{path.name} was trained with your model code ({saved.get('path')}); pass --model-code PATH")
+    if not saved:
+        raise UserError(f"{path.name} was trained with llamaforge's own model; drop --model-code to resume it, "
+                        "or pass another --out")
+    if saved.get("sha256") != code.get("sha256") and not allow_change:
+        raise UserError(f"the model code changed since {path.name} was saved (sha256 {str(saved.get('sha256'))[:12]} -> "
+                        f"{str(code.get('sha256'))[:12]}); restore it, or pass --allow-code-change to resume with the "
+                        "new code")
+
+
 def load_weights(path: Path, model) -> dict:
     """Restore the model's weights in place; returns state.json's content."""
     path = Path(path)
+    if not is_builtin(model):  # a user's model: its own names, tied tensors resolved by safetensors
+        try:
+            missing, unexpected = load_into(model, str(path / "model.safetensors"), strict=False)
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} does not fit the model ({str(e).strip().splitlines()[-1][:200]})") from None
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not fit the model (missing {sorted(missing)[:3]}, "
+                             f"unexpected {sorted(unexpected)[:3]})")
+        return read_state(path)
     try:
         state = rename_legacy(load_file(str(path / "model.safetensors")), model.config.hidden_act == "silu")
         if model.config.tie_word_embeddings:  # a tied pair is stored once, under either name
@@ -165,11 +193,18 @@ def load_weights(path: Path, model) -> dict:
     return read_state(path)
 
 
-def model_from_checkpoint(path: Path) -> LlamaForgeForCausalLM:
-    """The model saved in a checkpoint folder, built from the config its state.json holds."""
+def model_from_checkpoint(path: Path, code: ModelCode = BUILTIN):
+    """The model saved in a checkpoint folder, built from the config its state.json holds (a user's
+    model from their `code`, which must be the code it was trained with: runs.check_code)."""
     state = read_state(path)
-    config = LlamaForgeConfig(**{k: v for k, v in state["model_config"].items() if k not in ("architectures", "auto_map", "model_type")})
-    model = LlamaForgeForCausalLM(config)
+    saved = state.get("records", {}).get("code") if isinstance(state.get("records"), dict) else None
+    if saved and code.builtin:
+        raise UserError(f"{path} was trained with your model code ({saved.get('path')}); pass --model-code PATH to load it")
+    if code.builtin:
+        fields = {k: v for k, v in state["model_config"].items() if k not in ("architectures", "auto_map", "model_type")}
+        model = BUILTIN.build(BUILTIN.config_class(**fields))
+    else:
+        model = code.build(code.config_from_dict(state["model_config"]))
     load_weights(path, model)
     return model.eval()
 

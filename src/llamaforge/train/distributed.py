@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..model.adapter import find_blocks
+
 
 @dataclass
 class Dist:
@@ -63,8 +65,9 @@ def setup(device: str | None = None) -> Dist:
 
 
 def compile_blocks(model: torch.nn.Module) -> None:
-    """Compile every transformer block in place (`nn.Module.compile`: parameter names unchanged)."""
-    for block in model.model.layers:
+    """Compile every transformer block in place (`nn.Module.compile`: parameter names unchanged);
+    the blocks of a user's model are found by model.adapter.find_blocks."""
+    for block in find_blocks(model):
         block.compile()
 
 
@@ -80,7 +83,7 @@ def wrap(model: torch.nn.Module, d: Dist, fsdp: bool = False, param_dtype: torch
             from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
 
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-        for block in model.model.layers:
+        for block in find_blocks(model):
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
         return model

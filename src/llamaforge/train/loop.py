@@ -30,6 +30,7 @@ from ..data.loader import Prefetched
 from ..errors import UserError
 from ..eval.loss import windowed_loss
 from ..fsutil import atomic_write_bytes
+from ..model.adapter import is_builtin
 from ..runs import RunRecord, config_path, describe_recipe, metrics_path, read_metrics, tokenizer_dir
 from . import checkpoint as ckpt
 from .bench import score_tasks
@@ -72,6 +73,8 @@ def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tok
                 synced: bool = False) -> str:
     """Greedy continuation of `prompt`. `synced`: FSDP2 ranks keep stepping together until every rank
     is done (each forward all-gathers the weights, so a rank stopping early at EOS would hang the rest)."""
+    if not hasattr(model, "generate"):  # a user's model without GenerationMixin: no sample (check says so)
+        return ""
     was_training = model.training
     model.eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
@@ -109,6 +112,17 @@ def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path
         teardown()
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block in the backward pass: ours by its flag, a user's by transformers' API."""
+    if is_builtin(model):
+        model.model.gradient_checkpointing = True
+    elif getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise UserError(f"train.activation_checkpointing: {type(model).__name__} does not support gradient checkpointing "
+                        "(supports_gradient_checkpointing = False); drop the setting or add it to your model")
+
+
 class Trainer:
     """One run: checks and set-up in __init__ (refusals before anything is written), then `run`."""
 
@@ -119,6 +133,8 @@ class Trainer:
         self.model, self.progress = model, progress
         check_runnable(cfg, model.config, d.world)
         usable, continued, rejected = ckpt.choose(self.t, run_dir, d, resume)
+        if usable is not None:  # the code a checkpoint was trained with (a user's model: its sha256)
+            ckpt.check_code(usable, record.code, self.t.allow_code_change)
         self.batches = Prefetched(batches_factory(d.rank, d.world), pin=d.device.type == "cuda")
         self.step, self.tokens_seen, self.bad_streak = 0, 0, 0
         self.slowest_step_s, self.slowest_save_s, self.steps_here = 0.0, 0.0, 0  # for train.time_limit
@@ -137,7 +153,7 @@ class Trainer:
         torch.manual_seed(self.t.seed)
         self.model.to(self.d.device).train()
         if self.t.activation_checkpointing:
-            self.model.model.gradient_checkpointing = True
+            enable_activation_checkpointing(self.model)
         try:
             return ckpt.load_weights(usable, self.model) if usable else None
         except ValueError as e:
@@ -158,7 +174,8 @@ class Trainer:
                                        self.precision.name)
         if self.compiled.blocks:  # each block, before DDP/FSDP wraps the model
             compile_blocks(self.model)
-        self.model.compiled_loss = self.compiled.loss
+        if is_builtin(self.model):  # a user's model computes its logits; the loss is the adapter's
+            self.model.compiled_loss = self.compiled.loss
         self.sharded = t.fsdp and d.world > 1
         self.wrapped = wrap(self.model, d, t.fsdp, self.precision.dtype if self.precision.name == "bf16" else None)
         self.eval_model = unwrap(self.wrapped)

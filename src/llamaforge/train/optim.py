@@ -25,6 +25,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import UserError
+from ..model.adapter import find_blocks
 from .precision import choose as choose_precision
 
 OPTIMIZERS = ("adamw", "muon")
@@ -167,7 +168,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
         raise UserError(f"train.optimizer {kind!r} is not one of {', '.join(OPTIMIZERS)}")
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     device = device or named[0][1].device
-    hidden = [p for n, p in named if kind == "muon" and p.dim() == 2 and ".layers." in f".{n}"]  # inside the blocks
+    in_blocks = {id(p) for block in find_blocks(model) for p in block.parameters()} if kind == "muon" else set()
+    hidden = [p for _, p in named if p.dim() == 2 and id(p) in in_blocks]  # the blocks' matrices (any model's names)
     ids = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in ids]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model.adapter import causal_loss
 from .distributed import grad_sync
 from .precision import Precision
 
@@ -46,8 +47,7 @@ def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=N
     loss_sum = torch.zeros((), device=device)
     for i, (x, y) in enumerate(micro_batches):
         with grad_sync(model, enabled=i == len(micro_batches) - 1), autocast():
-            loss = model(input_ids=x.to(device, non_blocking=True), shift_labels=y.to(device, non_blocking=True),
-                         num_items_in_batch=n_total).loss
+            loss = causal_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True), n_total)
             scaled = loss * world if world > 1 else loss
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         loss_sum += loss.detach()

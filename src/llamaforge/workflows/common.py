@@ -9,19 +9,21 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..model.io import load_model, save_model
+from ..model.usercode import BUILTIN, ModelCode
 from ..publish.card import card_files, model_records
 from ..runs import RunRecord, check_run_dir, final_dir, lock_run, resolve_model
 from ..train.checkpoint import model_from_checkpoint
 from ..train.loop import TrainResult
 
 
-def load_model_arg(path: str | Path):
-    """(model, folder holding its tokenizer) for a model folder, run directory or checkpoint."""
+def load_model_arg(path: str | Path, code: ModelCode = BUILTIN):
+    """(model, folder holding its tokenizer) for a model folder, run directory or checkpoint; a
+    user's model through their `code` (--model-code)."""
     ref = resolve_model(path)
     if ref.kind == "folder":
-        return load_model(ref.path), ref.tokenizer
+        return load_model(ref.path, code=code), ref.tokenizer
     try:
-        return model_from_checkpoint(ref.path), ref.tokenizer
+        return model_from_checkpoint(ref.path, code), ref.tokenizer
     except ValueError as e:
         raise UserError(f"{e}; the checkpoint is damaged or from another model") from None
 

@@ -16,6 +16,7 @@ from ..eval.perplexity import perplexity_on_split, perplexity_on_text
 from ..fsutil import atomic_write_bytes, check_replaceable_file
 from ..tokenizer import load_tokenizer
 from ..train.precision import tf32_matmuls
+from ..model.usercode import BUILTIN, ModelCode
 from .common import check_vocab, load_model_arg
 
 
@@ -30,7 +31,7 @@ def is_results_file(path: Path) -> bool:
 def evaluate(model_path: str, *, data_dir: str | None = None, text: str | None = None, tasks: list[str] = (),
              limit: int | None = None, subjects: list[str] | None = None, include_path: str | None = None,
              irt_params: str | None = None, batch_size: int | None = None, out: str | Path | None = None,
-             samples_dir: str | None = None, max_tokens: int | None = None) -> dict:
+             samples_dir: str | None = None, max_tokens: int | None = None, code: ModelCode = BUILTIN) -> dict:
     """Evaluate in fp32 (on CPU; CUDA when present, with TF32 matmuls) and write `out` (JSON) when
     given. `batch_size` (windows or lm-eval requests per forward): default 4 on a CPU, 32 on CUDA."""
     if not (data_dir or text or tasks):
@@ -46,7 +47,7 @@ def evaluate(model_path: str, *, data_dir: str | None = None, text: str | None =
         raise UserError(f"--max-tokens {max_tokens} must be at least 1")
     if batch_size is not None and batch_size < 1:
         raise UserError(f"--batch-size {batch_size} must be at least 1 (or leave it out: 4 on a CPU, 32 on CUDA)")
-    model, tok_dir = load_model_arg(model_path)
+    model, tok_dir = load_model_arg(model_path, code)
     if data_dir:
         check_vocab(model, read_meta(data_dir)["vocab_size"], str(data_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -10,6 +10,7 @@ from ..errors import UserError
 from ..publish.card import model_records, read_records
 from ..publish.export import export
 from ..tokenizer import load_tokenizer
+from ..model.usercode import BUILTIN, ModelCode
 from .common import load_model_arg
 
 
@@ -19,8 +20,13 @@ def read_eval(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
 
-def export_model(model_path: str | Path, out: str | Path, fmt: str = "llama", evals: list[str] = ()) -> Path:
-    model, tok_dir = load_model_arg(model_path)
+def export_model(model_path: str | Path, out: str | Path, fmt: str = "llama", evals: list[str] = (),
+                 code: ModelCode = BUILTIN) -> Path:
+    """A user's model (`code`) is written as itself: its code, weights, tokenizer and card."""
+    if not code.builtin and fmt != "llamaforge":
+        raise UserError(f"--format {fmt} converts llamaforge's own model; a model of your own code exports as itself: "
+                        "--format llamaforge (its code travels with the weights)")
+    model, tok_dir = load_model_arg(model_path, code)
     results = [read_eval(e) for e in evals]
     previous = read_records(tok_dir) or {}
     records = model_records(model, previous.get("tokenizer", "see tokenizer files"), evals=results, previous=previous)

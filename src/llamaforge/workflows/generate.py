@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase, TextStreamer
 from ..data.sft import chat_prompt
 from ..errors import UserError
 from ..model.io import load_model
+from ..model.usercode import BUILTIN, ModelCode
 from ..tokenizer import load_tokenizer
 
 
@@ -37,7 +38,7 @@ def check_length(config, prompt_tokens: int, max_new_tokens: int) -> None:
     if prompt_tokens + max_new_tokens <= limit:
         return
     room = max(0, limit - prompt_tokens)
-    if config.position_embedding_type == "learned":
+    if getattr(config, "position_embedding_type", "rope") == "learned":
         raise UserError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceeds this model's "
                         f"{limit} learned positions; shorten the prompt or lower --max-new-tokens to {room}")
     raise UserError(f"prompt ({prompt_tokens} tokens) + --max-new-tokens {max_new_tokens} exceeds the {limit} positions "
@@ -45,11 +46,14 @@ def check_length(config, prompt_tokens: int, max_new_tokens: int) -> None:
                     "`llamaforge extend`")
 
 
-def load_for_generation(model_dir: str | Path, prompts: list[str], chat: bool = False):
+def load_for_generation(model_dir: str | Path, prompts: list[str], chat: bool = False, code: ModelCode = BUILTIN):
     """(model, tokenizer, prompts) for a model folder; with `chat` each prompt becomes a user turn."""
     if not prompts:
         raise UserError("no prompt: pass --prompt TEXT (repeatable) or lines on stdin")
-    model, tok = load_model(model_dir), load_tokenizer(str(model_dir))
+    model, tok = load_model(model_dir, code=code), load_tokenizer(str(model_dir))
+    if not hasattr(model, "generate"):
+        raise UserError(f"{type(model).__name__} has no generate(); inherit transformers.GenerationMixin in your model "
+                        "class (`llamaforge check` says so too)")
     if torch.cuda.is_available():
         model = model.to("cuda")
     if chat:

@@ -6,14 +6,16 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..model.io import build_model, count_parameters, save_model
+from ..model.usercode import BUILTIN, ModelCode
 from ..publish.card import card_files, model_records
 from ..tokenizer import load_tokenizer
 
 
-def init_model(cfg: RunConfig, out: str | Path, tokenizer: str | None = None, seed: int = 0) -> dict[str, int]:
-    """Write the folder; returns the parameter counts."""
+def init_model(cfg: RunConfig, out: str | Path, tokenizer: str | None = None, seed: int = 0,
+               code: ModelCode = BUILTIN) -> dict[str, int]:
+    """Write the folder (a user's model with its code beside the weights); returns the parameter counts."""
     name = tokenizer or cfg.tokenizer
     tok = load_tokenizer(name)
-    model = build_model(cfg.model, tok, seed=seed)
+    model = build_model(cfg.model, tok, seed=seed, code=code)
     save_model(model, tok, out, card_files(model_records(model, name), Path(out).name))
     return count_parameters(model)

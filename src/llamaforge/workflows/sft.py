@@ -13,14 +13,16 @@ from ..publish.card import read_records
 from ..runs import RunRecord
 from ..tokenizer import load_tokenizer
 from ..train.loop import train
+from ..model.usercode import BUILTIN, ModelCode
 from .common import check_vocab, load_model_arg, publish_final, run_directory
 
 log = logging.getLogger(__name__)
 
 
 def sft(cfg: RunConfig, model_path: str, data: str, run_dir: str | Path, strict: bool = False,
-        val_fraction: float = 0.05, resume: bool | None = None, progress: bool = True) -> tuple[Path, SFTStats]:
-    model, tok_dir = load_model_arg(model_path)
+        val_fraction: float = 0.05, resume: bool | None = None, progress: bool = True,
+        code: ModelCode = BUILTIN) -> tuple[Path, SFTStats]:
+    model, tok_dir = load_model_arg(model_path, code)
     tokenizer = load_tokenizer(str(tok_dir))  # loaded here, so ours to set: the template is saved with final/
     tokenizer.chat_template = tokenizer.chat_template or CHAT_TEMPLATE
     convs, stats = tokenize_conversations(data, tokenizer, cfg.train.seq_len, strict)
@@ -34,7 +36,7 @@ def sft(cfg: RunConfig, model_path: str, data: str, run_dir: str | Path, strict:
         return SFTBatches(train_set, val_set, seqs, tokenizer.pad_token_id, rank, world, cfg.train.seed,
                           micro_batch_for(cfg.train, world))
 
-    record = RunRecord(previous_card=read_records(tok_dir) or {},
+    record = RunRecord(previous_card=read_records(tok_dir) or {}, code=code.record(),
                        sft={"from": str(model_path), "data": str(data), "train_conversations": len(train_set),
                             "val_conversations": len(val_set), "skipped": stats.skipped})
     check_vocab(model, len(tokenizer), f"the tokenizer of {model_path}")
