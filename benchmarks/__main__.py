@@ -272,6 +272,22 @@ def recipe(args) -> dict:
     return bench_recipe.run(args)
 
 
+@benchmark
+def check_time(args) -> dict:
+    """`llamaforge check` on examples/my_llama, every check, wall time (benchmarks/own_model.py)."""
+    from benchmarks import own_model
+
+    return own_model.check_time(args, report)
+
+
+@benchmark
+def own_model_step(args) -> dict:
+    """A training step of the example model against our own model of the same shape (benchmarks/own_model.py)."""
+    from benchmarks import own_model
+
+    return own_model.train_step(args, interleaved, report, BENCH_MODEL)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help=f"default: all of {', '.join(REGISTRY)}")

@@ -10,6 +10,7 @@ import logging
 import os
 import shlex
 import sys
+import warnings
 from pathlib import Path
 
 from transformers.utils import logging as hf_logging
@@ -329,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(rest)
         args.overrides = overrides
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+        if not args.verbose:  # third-party deprecation notices (e.g. a user config's rope_scaling) are not ours
+            warnings.filterwarnings("ignore", category=FutureWarning)
         if not args.verbose and "TRANSFORMERS_VERBOSITY" not in os.environ:
             hf_logging.set_verbosity_error()  # transformers' load reports and notices are not ours to show
             hf_logging.disable_progress_bar()

@@ -59,11 +59,11 @@ def learns(s: Subject, steps: int = 80, target: float = 1.0) -> Row:
         loss = causal_loss(model, x, y)
         loss.backward()
         opt.step()
-        first = float(loss.detach()) if first is None else first
-        if float(loss.detach()) < target:
-            return Row("learns", "pass", {"loss": round(float(loss), 3), "from": round(first, 3), "steps": step})
-    loss = loss.detach()
-    value = {"loss": round(float(loss), 3), "from": round(first, 3), "steps": steps}
-    return Row("learns", "fail", value, f"one batch of 64 tokens is still at loss {float(loss):.2f} after {steps} "
+        loss = float(loss.detach())
+        first = loss if first is None else first
+        if loss < target:
+            return Row("learns", "pass", {"loss": round(loss, 3), "from": round(first, 3), "steps": step})
+    value = {"loss": round(loss, 3), "from": round(first, 3), "steps": steps}
+    return Row("learns", "fail", value, f"one batch of 64 tokens is still at loss {loss:.2f} after {steps} "
                "AdamW steps (lr 3e-3): the gradient does not reach the weights that matter; run the gradients check "
                "and look at the residual stream and the head")

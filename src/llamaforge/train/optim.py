@@ -170,6 +170,10 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     device = device or named[0][1].device
     in_blocks = {id(p) for block in find_blocks(model) for p in block.parameters()} if kind == "muon" else set()
     hidden = [p for _, p in named if p.dim() == 2 and id(p) in in_blocks]  # the blocks' matrices (any model's names)
+    if kind == "muon" and not hidden:
+        raise UserError(f"train.optimizer muon: no transformer blocks found in {type(model).__name__} (Muon trains their "
+                        "matrices); name the block class in _no_split_modules, keep the blocks in an nn.ModuleList, "
+                        "or use --train.optimizer adamw")
     ids = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in ids]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
