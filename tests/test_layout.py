@@ -6,7 +6,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llamaforge"
 # top to bottom; a module may import only from its own layer or below ("a|b": one layer)
-LAYERS = ["cli", "workflows", "publish", "train", "eval", "data", "runs", "model|tokenizer|config",
+LAYERS = ["cli", "workflows", "publish", "modelcheck", "train", "eval", "data", "runs", "model|tokenizer|config",
           "fsutil|cache|errors"]
 
 
@@ -66,5 +66,9 @@ def test_model_files_import_nothing_of_ours_and_files_stay_small():
     for a, b, _ in our_imports(mods):
         if a.startswith("llamaforge.model.hf"):
             assert b.startswith("llamaforge.model.hf"), f"{a} imports {b}: the model files travel alone"
+    for example in (PACKAGE.parents[1] / "examples").rglob("*.py"):  # a user's model, as the contract asks
+        imported = [a.name for n in ast.walk(ast.parse(example.read_text())) if isinstance(n, ast.Import) for a in n.names]
+        imported += [n.module or "" for n in ast.walk(ast.parse(example.read_text())) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imported if m.startswith("llamaforge")], f"{example} imports llamaforge: it must stand alone"
     long = {str(p.relative_to(PACKAGE)): n for p in mods.values() if (n := len(p.read_text().splitlines())) >= 400}
     assert long == {}, f"files of 400 lines or more: {long}"
