@@ -242,6 +242,31 @@ def test_extend_with_pi_then_the_final_folder_loads_with_transformers_alone(data
     assert done.returncode == 0 and "ok 5" in done.stdout, done.stderr[-2000:]
     report = run_cli("report", "--run", run, "--run", ext, "--out", tmp_path / "report", check_rc=0)
     assert (tmp_path / "report" / "report.md").exists(), report.stderr
+    # the other commands on the user's model: generate, export (as itself), sft
+    code = ("--model-code", EXAMPLE)
+    done = run_cli("generate", *code, "--model", ext / "final", "--prompt", "The cat", "--max-new-tokens", 4, "--temperature", 0,
+                   check_rc=0)
+    assert done.stdout.startswith("The cat")
+    run_cli("export", *code, "--model", ext, "--format", "llamaforge", "--out", tmp_path / "exported", check_rc=0)
+    assert (tmp_path / "exported" / "modeling_my_llama.py").exists()
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"prompt": f"Say {w}", "response": f"{w} {w}."}) + "\n"
+                             for w in ["cat", "dog", "bird", "tree"] * 10))
+    run_cli("sft", *code, "--model", ext, "--data", chats, "--out", tmp_path / "sft", "--max-steps", 2,
+            "--batch-tokens", 256, "--train.micro_batch", 4, "--train.seq_len", 64, "--eval-every", 0,
+            "--train.precision", "fp32",
+            "--train.tensorboard", "false", check_rc=0)
+    assert (tmp_path / "sft" / "final" / "modeling_my_llama.py").exists()
+
+
+def test_extend_refuses_a_model_whose_rope_scaling_does_nothing(data, tmp_path, broken_root):
+    absolute = write_broken("absolute_positions", broken_root / "extend")
+    run_cli("train", "--model-code", absolute, "--data", data, "--out", tmp_path / "run", *MICRO, "--max-steps", 1,
+            "--eval-every", 0, "--train.optimizer", "adamw", check_rc=0)
+    done = run_cli("extend", "--model-code", absolute, "--model", tmp_path / "run", "--data", data, "--out",
+                   tmp_path / "ext", "--seq-len", 128, "--preset", "tiny-extend")
+    assert_user_error(done, "position_interpolation", "llamaforge check")
+    assert not (tmp_path / "ext").exists()
 
 
 @pytest.mark.slow  # ~1 minute: the lm_eval command and llamaforge eval --tasks
@@ -250,9 +275,11 @@ def test_the_course_lm_eval_command_runs_on_the_examples_final_folder(data, tmp_
     from test_eval import QUESTIONS  # noqa: F401  (the local 5-question task of test_eval)
     from llamaforge.eval.mmlu import format_prompt, task_yaml
 
-    run = tmp_path / "run"
-    run_cli("train", "--model-code", EXAMPLE, "--data", data, "--out", run, *MICRO, "--max-steps", 4, "--eval-every", 0,
-            check_rc=0)
+    run = tmp_path / "run"  # scored in the loop too: lm-eval on the user's model, one bench row
+    run_cli("train", "--model-code", EXAMPLE, "--data", data, "--out", run, *MICRO, "--max-steps", 4, "--eval-every", 4,
+            "--train.eval_tasks", "copa_offline", "--train.eval_tasks_limit", 4, check_rc=0)
+    bench = [r for r in read_metrics(run) if r["type"] == "bench"]
+    assert [r["step"] for r in bench] == [4] and len(bench[0]["items"]["copa_offline"]) == 4
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     rows = [{"id": i, "subject": "general", "answer": a, "input_formatted": format_prompt(
