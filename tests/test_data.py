@@ -142,7 +142,7 @@ def test_killed_prepare_leaves_no_finished_looking_folder(tmp_path):
     assert not out.exists()
     assert list(tmp_path.glob(".d.tmp-*")), "the kill should have left the temporary folder behind"
     meta = prepare(str(src), out, workers=2, progress=False)
-    assert read_meta(out) == meta and not list(tmp_path.glob(".d.tmp-*"))
+    assert read_meta(out).raw == meta and not list(tmp_path.glob(".d.tmp-*"))
 
 
 def win(pair):

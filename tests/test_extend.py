@@ -35,7 +35,7 @@ def test_refusals(small_model, tmp_path):
     base = small_model(max_position_embeddings=256)
     with pytest.raises(UserError, match="not larger"):
         interpolate(base, 256)
-    with pytest.raises(UserError, match="must be positive"):
+    with pytest.raises(UserError, match=r"--factor is -1.0; it must be a finite number in \[1"):
         interpolate(base, 512, factor=-1.0)
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -134,7 +134,7 @@ def test_non_finite_steps_are_skipped_then_abort(data, tmp_path, monkeypatch):
 
     monkeypatch.setattr(loop, "train_step", bad_step)
     cfg = load_config("tiny", overrides=dotlist(MICRO, skip=("--lr",)) + ["train.max_bad_steps=3"])
-    with pytest.raises(UserError, match="not finite for 3 steps"):
+    with pytest.raises(UserError, match=r"diverged at step 3 \(3 bad steps in a row: non-finite\); no healthy checkpoint"):
         pretrain(cfg, data, tmp_path / "r", progress=False)
     assert len(calls) == 3
     events = [r["event"] for r in read_metrics(tmp_path / "r") if r["type"] == "event"]

@@ -189,8 +189,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     _code_args(p)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors (a missing argument, a value of the wrong type) are one line, exit 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message}; see `{self.prog} --help`")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamaforge", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="llamaforge", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 

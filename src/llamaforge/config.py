@@ -7,6 +7,7 @@ hand-written parser lives here. A preset is the name of a YAML file in `configs/
 from __future__ import annotations
 
 import inspect
+import math
 import re
 from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
@@ -72,7 +73,9 @@ class TrainConfig:
     activation_checkpointing: bool = False
     fsdp: bool = False
     time_limit: Optional[str] = None  # e.g. 11h30m: stop with a checkpoint before a session's hard limit (exit 75)
-    max_bad_steps: int = 5  # NaN/inf steps in a row before aborting
+    max_bad_steps: int = 5  # bad steps (NaN/inf, or a loss spike) in a row: the run has diverged (train/divergence.py)
+    spike_factor: float = 3.0  # a loss above this x the median of the last 50 good ones is a bad step; 0: off
+    on_divergence: str = "stop"  # stop (exit 2, naming the last healthy checkpoint) | rollback (to it, LR halved)
     allow_code_change: bool = False  # resume a run of your own model code although the code changed (--allow-code-change)
     sample_prompt: str = "The meaning of life is"
     tensorboard: Optional[bool] = None  # None: when installed; true: required (llamaforge[tensorboard]); false: off
@@ -123,11 +126,21 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
     return cfg
 
 
-# train fields that must be > 0, and those that must be >= 0 (0 = off)
-_POSITIVE = ("seq_len", "batch_tokens", "max_steps", "lr", "muon_lr", "eval_tokens", "keep_last", "max_bad_steps")
-_NON_NEGATIVE = ("min_lr_ratio", "warmup_steps", "weight_decay", "muon_weight_decay", "grad_clip", "eval_every",
-                 "save_every", "eval_tasks_every")
+# THE ranges of the train section's numbers: (low, high, low included). Every number is also finite.
+# A value outside is refused before any work, in one line naming the range (README: train).
+_BIG = 2**62
+RANGES = {
+    "seq_len": (1, 1 << 20, True), "batch_tokens": (1, _BIG, True), "max_steps": (1, _BIG, True),
+    "micro_batch": (1, 1 << 20, True), "lr": (0, 10, False), "muon_lr": (0, 10, False), "min_lr_ratio": (0, 1, True),
+    "warmup_steps": (0, _BIG, True), "weight_decay": (0, 10, True), "muon_weight_decay": (0, 10, True),
+    "muon_momentum": (0, 0.9999, True), "beta1": (0, 0.9999, True), "beta2": (0, 0.99999, True),
+    "grad_clip": (0, 1e6, True), "decay_fraction": (0, 1, False), "eval_every": (0, _BIG, True),
+    "eval_tasks_every": (0, _BIG, True), "eval_tokens": (1, _BIG, True), "save_every": (0, _BIG, True),
+    "keep_last": (1, 1 << 20, True), "seed": (0, 2**63 - 1, True), "max_bad_steps": (1, 1 << 20, True),
+    "spike_factor": (0, 1e6, True),
+}
 _CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
+            "on_divergence": ("stop", "rollback"),
             "muon_ns_dtype": ("auto", "bf16", "fp32"), "schedule": ("cosine", "wsd"),
             "decay_shape": ("linear", "1-sqrt"), "compile": ("auto", "true", "false"),
             "compile_loss": ("auto", "true", "false")}
@@ -164,33 +177,46 @@ def parse_duration(text: str | None) -> float | None:
     return seconds
 
 
+def check_range(label: str, value, low: float, high: float, closed: bool = True) -> None:
+    """THE number check: finite and in [low, high] ((low, high] when not `closed`), else one line."""
+    try:
+        ok = math.isfinite(value) and (low <= value if closed else low < value) and value <= high
+    except TypeError:
+        ok = False
+    if not ok:
+        raise UserError(f"{label} is {value}; it must be a finite number in {'[' if closed else '('}{low:g}, {high:g}]")
+
+
 def validate_train(t: TrainConfig) -> None:
     """Numbers that cannot run are refused here, before any work (not as a ZeroDivisionError later)."""
-    for name in _POSITIVE:
-        if not getattr(t, name) > 0:
-            raise UserError(f"train.{name} is {getattr(t, name)}; it must be positive")
-    for name in _NON_NEGATIVE:
-        if not getattr(t, name) >= 0:
-            raise UserError(f"train.{name} is {getattr(t, name)}; it must be 0 or more")
-    if t.micro_batch is not None and t.micro_batch <= 0:
-        raise UserError(f"train.micro_batch is {t.micro_batch}; it must be positive (or leave it out to derive it)")
+    for name, (low, high, closed) in RANGES.items():
+        if getattr(t, name) is not None:  # micro_batch None: derived
+            check_range(f"train.{name}", getattr(t, name), low, high, closed)
+    if 0 < t.spike_factor < 1.5:
+        raise UserError(f"train.spike_factor is {t.spike_factor}; use 0 (off) or at least 1.5 (a spike is above it x "
+                        "the recent median loss)")
     for name in ("compile", "compile_loss"):  # YAML's true/false arrive as True/False
         setattr(t, name, str(getattr(t, name)).lower())
     for name, choices in _CHOICES.items():
         if getattr(t, name) not in choices:
             raise UserError(f"train.{name} {getattr(t, name)!r} is not one of {', '.join(choices)}")
-    if not 0 < t.decay_fraction <= 1:
-        raise UserError(f"train.decay_fraction is {t.decay_fraction}; it must be in (0, 1]")
-    if not 0 <= t.muon_momentum < 1:
-        raise UserError(f"train.muon_momentum is {t.muon_momentum}; it must be in [0, 1)")
-    for name in ("beta1", "beta2"):
-        if not 0 <= getattr(t, name) < 1:
-            raise UserError(f"train.{name} is {getattr(t, name)}; it must be in [0, 1)")
+    if t.on_divergence == "rollback" and t.fsdp:
+        raise UserError("train.on_divergence rollback reloads the whole model, which FSDP2 shards; use it under one "
+                        "process or DDP (--train.fsdp false), or keep on_divergence stop")
     parse_duration(t.time_limit)
 
 
 def validate_model(m: ModelConfig) -> None:
-    """The model config class itself checks consistency; its ValueError becomes a one-line UserError."""
+    """Finite sizes and numbers, then the model config class's own consistency checks (its ValueError
+    becomes a one-line UserError)."""
+    for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+        value = getattr(m, name)
+        if not (math.isfinite(value) and 0 < value <= 1e9):
+            raise UserError(f"model.{name} is {value}; it must be a finite, positive number")
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings"):
+        if not 0 < getattr(m, name) <= 1 << 24:
+            raise UserError(f"model.{name} is {getattr(m, name)}; it must be in [1, {1 << 24:,}]")
     try:
         LlamaForgeConfig(**model_kwargs(m))
     except ValueError as e:

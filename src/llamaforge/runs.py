@@ -26,6 +26,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import UserError
+from .fsutil import atomic_write_bytes
 
 CONFIG, METRICS, TOKENIZER, CHECKPOINTS, FINAL, POSITIONS, STATE, LOCK = (
     "config.yaml", "metrics.jsonl", "tokenizer", "checkpoints", "final", "positions.json", "state.json", ".lock")
@@ -243,3 +244,10 @@ def resolve_model(path: str | Path) -> ModelRef:
             raise UserError(f"{path} is not a model folder, run directory or checkpoint; pass one of those")
         path = found[-1]
     return ModelRef("checkpoint", path, tokenizer_dir(path.parent.parent))
+
+
+def copy_metrics(source_run: Path, run_dir: Path, step: int) -> None:
+    """The source run's metrics up to `step`, as the start of this run's metrics.jsonl."""
+    kept = [json.dumps(r) + "\n" for r in read_metrics(source_run) if r.get("step", 0) <= step]
+    if kept:
+        atomic_write_bytes(metrics_path(run_dir), "".join(kept).encode())

@@ -107,8 +107,8 @@ class PretrainBatches(TokenWindows):
         self.val = open_split(data_dir, "val")
         if len(self.val) <= train_cfg.seq_len:
             self.val = self.tokens[-train_cfg.eval_tokens - 1 :]  # tiny corpora: the tail of train
-        val = meta["splits"]["val"]
-        self.bytes_per_token = val["bytes"] / val["tokens"] if val["tokens"] else None
+        val = meta.splits["val"]
+        self.bytes_per_token = val.bytes / val.tokens if val.tokens else None
         self.eval_tokens, self.eval_batch = train_cfg.eval_tokens, micro_batch_for(train_cfg, world)
 
     def eval_batches(self):

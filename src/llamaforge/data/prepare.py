@@ -30,7 +30,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import UserError
-from ..fsutil import atomic_folder, check_replaceable
+from ..fsutil import atomic_folder, atomic_write_bytes, check_replaceable
 from ..runs import locked
 from ..tokenizer import load_tokenizer, tokenizer_fingerprint
 from .sources import SourceStats, iter_documents
@@ -207,9 +207,9 @@ def prepare(source: str, out: str | Path, tokenizer: str = "mistral", val_fracti
     settings = Settings(source, tokenizer, tokenizer_fingerprint(tok), text_field, val_fraction)
     if is_data_folder(out) and not force:
         meta = read_meta(out)
-        if settings.matches(meta):
+        if settings.matches(meta.raw):
             log.info("%s is already prepared with these settings", out)
-            return meta
+            return meta.raw
         raise UserError(f"{out} holds data prepared with other settings; pass --force to replace it or another --out")
     check_replaceable(out, is_data_folder, "data folder with llamaforge's meta.json")  # before any file is made
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -285,8 +285,32 @@ def is_data_folder(path: Path) -> bool:
         return False
 
 
-def read_meta(data_dir: str | Path) -> dict:
-    """meta.json of a prepared data folder, checked: every field the readers use is there and sane."""
+@dataclass(frozen=True)
+class Split:
+    tokens: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Meta:
+    """meta.json, parsed once: the fields the readers use, with their types checked."""
+
+    source: str
+    tokenizer: str
+    vocab_size: int
+    dtype: str  # uint16 | uint32
+    splits: dict[str, Split]
+    raw: dict  # the whole file (prepare's settings, statistics)
+
+
+def _count(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError
+    return value
+
+
+def read_meta(data_dir: str | Path) -> Meta:
+    """meta.json of a prepared data folder, parsed: every field the readers use is there, typed and sane."""
     path = Path(data_dir) / "meta.json"
     if not path.is_file():
         given = str(data_dir)
@@ -305,34 +329,61 @@ def read_meta(data_dir: str | Path) -> dict:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise UserError(f"{path} has format {found!r}, expected {FORMAT}; prepare the data again")
     try:
-        ok = (meta["dtype"] in ("uint16", "uint32") and int(meta["vocab_size"]) > 0 and all(
-            int(meta["splits"][s]["tokens"]) >= 0 and int(meta["splits"][s]["bytes"]) >= 0 for s in ("train", "val")))
+        dtype = meta["dtype"]
+        vocab = _count(meta["vocab_size"])
+        if dtype not in ("uint16", "uint32") or not 0 < vocab <= (1 << 16 if dtype == "uint16" else 1 << 32) or \
+                not all(isinstance(meta[k], str) and meta[k] for k in ("source", "tokenizer")):
+            raise ValueError
+        splits = {s: Split(_count(meta["splits"][s]["tokens"]), _count(meta["splits"][s]["bytes"])) for s in ("train", "val")}
     except (KeyError, TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise UserError(f"{path} lacks a field or has a wrong one (dtype, vocab_size, splits); prepare the data again")
-    return meta
+        raise UserError(f"{path} lacks a field or has a wrong one (source, tokenizer, dtype, vocab_size, splits); "
+                        "prepare the data again") from None
+    return Meta(meta["source"], meta["tokenizer"], vocab, dtype, splits, meta)
+
+
+def check_ids(path: Path, ids: np.ndarray, vocab: int) -> None:
+    """Every token id below the vocabulary (else an IndexError deep inside the model): the maximum is
+    computed once per file version (size, mtime) and cached beside it in .NAME.max.json."""
+    stat = path.stat()
+    key = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    cache = path.with_name(f".{path.name}.max.json")
+    try:
+        cached = json.loads(cache.read_text())
+        largest = cached["max"] if {k: cached.get(k) for k in key} == key else None
+    except (OSError, ValueError, KeyError, TypeError):
+        largest = None
+    if not isinstance(largest, int):
+        largest = max((int(ids[i : i + (1 << 26)].max()) for i in range(0, len(ids), 1 << 26)), default=0)
+        try:
+            atomic_write_bytes(cache, json.dumps(dict(key, max=largest)).encode())
+        except OSError:  # a read-only data folder: checked again next time
+            pass
+    if largest >= vocab:
+        raise UserError(f"{path} holds token id {largest}, beyond the vocabulary of {vocab} in meta.json (edited or "
+                        "damaged); prepare the data again")
 
 
 def open_split(data_dir: str | Path, split: str) -> np.memmap:
     """The token file of a split, memory-mapped read-only."""
     meta = read_meta(data_dir)
     path = Path(data_dir) / f"{split}.bin"
-    tokens, dtype = int(meta["splits"][split]["tokens"]), np.dtype(meta["dtype"]).newbyteorder("<")
+    tokens, dtype = meta.splits[split].tokens, np.dtype(meta.dtype).newbyteorder("<")
     size = path.stat().st_size if path.is_file() else -1
     if size != tokens * dtype.itemsize:
         state = "missing" if size < 0 else f"{size:,} bytes, expected {tokens * dtype.itemsize:,}"
         raise UserError(f"{path} is {state} (truncated or replaced); prepare the data again")
     if tokens == 0:
-        return np.zeros(0, dtype=meta["dtype"])
-    return np.memmap(path, dtype=dtype, mode="r")
+        return np.zeros(0, dtype=meta.dtype)
+    ids = np.memmap(path, dtype=dtype, mode="r")
+    check_ids(path, ids, meta.vocab_size)
+    return ids
 
 
 def unigram_entropy(data_dir: str | Path, split: str = "train") -> float:
     """Entropy (nats/token) of a split's token frequencies: the loss of the best context-free model,
     the baseline a language model must beat."""
     tokens = open_split(data_dir, split)
-    counts = np.zeros(read_meta(data_dir)["vocab_size"], dtype=np.int64)
+    counts = np.zeros(read_meta(data_dir).vocab_size, dtype=np.int64)
     for s in range(0, len(tokens), 1 << 24):  # chunked: bounded memory on big corpora
         counts += np.bincount(tokens[s : s + (1 << 24)], minlength=len(counts))[: len(counts)]
     p = counts[counts > 0] / counts.sum()

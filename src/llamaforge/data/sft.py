@@ -52,6 +52,44 @@ class SFTStats:
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
 
 
+def text_of(content) -> str:
+    """A message's content as text: a string, or a list of parts (the OpenAI / HF chat format: strings
+    or {"type": "text", "text": ...}); other parts (images, audio) are refused."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if isinstance(part, str):
+                texts.append(part)
+            elif isinstance(part, dict) and part.get("type", "text") == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ValueError(f"content part of type {kind!r} is not text")
+        return "".join(texts)
+    raise ValueError(f"content is {type(content).__name__}, not text or a list of text parts")
+
+
+def assistant_mask(tokenizer, template: str, msgs: list[dict]) -> tuple[list[int], list[int]]:
+    """(ids, 1 on assistant tokens) for a template without {% generation %} markers: each assistant
+    turn is what rendering it adds to the conversation before it, prompt included."""
+    def render(turns, prompt: bool) -> list[int]:
+        return list(tokenizer.apply_chat_template(turns, chat_template=template, tokenize=True,
+                                                  add_generation_prompt=prompt, return_dict=True)["input_ids"])
+
+    ids = render(msgs, False)
+    mask = [0] * len(ids)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start, end = render(msgs[:i], True), render(msgs[: i + 1], False)
+        if ids[: len(end)] != end or end[: len(start)] != start:
+            raise ValueError("the chat template renders turns that are not prefixes of the conversation")
+        mask[len(start) : len(end)] = [1] * (len(end) - len(start))
+    return ids, mask
+
+
 def to_messages(obj) -> list[dict]:
     """A record as a list of messages; ValueError names what is wrong."""
     if isinstance(obj, dict) and "messages" in obj:
@@ -62,6 +100,7 @@ def to_messages(obj) -> list[dict]:
         raise ValueError("neither {prompt, response} nor {messages}")
     if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
         raise ValueError("messages must be a list of {role, content}")
+    msgs = [dict(m, content=text_of(m["content"])) for m in msgs]
     for m in msgs:
         if m["role"] not in ROLES:
             raise ValueError(f"unknown role {m['role']!r}")
@@ -99,9 +138,14 @@ def tokenize_conversations(source: str, tokenizer, max_len: int, strict: bool = 
             if isinstance(obj, Exception):
                 raise obj
             msgs = to_messages(obj)
-            enc = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=True, return_dict=True,
-                                                return_assistant_tokens_mask=True)
-            ids, mask = enc["input_ids"], enc["assistant_masks"]
+            if "generation" in template:  # the template marks the assistant's tokens itself
+                enc = tokenizer.apply_chat_template(msgs, chat_template=template, tokenize=True, return_dict=True,
+                                                    return_assistant_tokens_mask=True)
+                ids, mask = enc["input_ids"], enc["assistant_masks"]
+            else:
+                ids, mask = assistant_mask(tokenizer, template, msgs)
+            if not any(mask):
+                raise ValueError("no assistant tokens to train on")
             if len(ids) > max_len + 1:
                 raise ValueError(f"{len(ids)} tokens, longer than the context {max_len} + 1")
         except ValueError as e:

@@ -51,6 +51,21 @@ def _irt(samples: list[dict], params_file: str) -> float | None:
             os.chdir(cwd)
 
 
+def task_manager(tasks: list[str], include_path: str | Path | list | None = None):
+    """lm-eval's TaskManager over its tasks and `include_path`; an unknown name refused in one line
+    (call it before loading a model: the names are then checked before any work)."""
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("lm_eval is not installed, and this needs it; pip install 'llamaforge[eval]'") from None
+    paths = include_path if isinstance(include_path, list) else [include_path] if include_path else []
+    manager = TaskManager(include_path=[str(p) for p in paths] or None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task {unknown[0]!r}; see `lm_eval --tasks list` or use mmlu_offline_100")
+    return manager
+
+
 def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | list | None = None,
               limit: int | None = None, batch_size: int = 4, irt_params: str | None = None, log_samples: bool = False,
               output_dir: str | Path | None = None, autocast=contextlib.nullcontext) -> dict:
@@ -60,18 +75,13 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | lis
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
     except ImportError:
         raise UserError("lm_eval is not installed, and this needs it; pip install 'llamaforge[eval]'") from None
     device = str(next(model.parameters()).device)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device,
               max_length=model.config.max_position_embeddings,
               add_bos_token=bool(tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]))  # as in training
-    paths = include_path if isinstance(include_path, list) else [include_path] if include_path else []
-    manager = TaskManager(include_path=[str(p) for p in paths] or None)
-    unknown = [t for t in tasks if t not in manager.all_tasks]
-    if unknown:
-        raise UserError(f"unknown lm-eval task {unknown[0]!r}; see `lm_eval --tasks list` or use mmlu_offline_100")
+    manager = task_manager(tasks, include_path)
     benches = [t for t in tasks if t in BENCHES]
     with torch.no_grad(), autocast():
         results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,

@@ -23,11 +23,11 @@ def summarize(total: float, count: int, nbytes: int | None) -> dict:
 def perplexity_on_split(model, data_dir: str | Path, split: str = "val", max_tokens: int | None = None,
                         batch: int = 4) -> dict:
     """On prepared data; bytes are pro-rated from the split's tokens/bytes when only part is read."""
-    meta = read_meta(data_dir)["splits"][split]
+    meta = read_meta(data_dir).splits[split]
     tokens = open_split(data_dir, split)
     s = windowed_loss(model, stream_windows(tokens, model.config.max_position_embeddings, max_tokens, batch))
     total, count = s.total, s.count
-    out = summarize(total, count, round(meta["bytes"] * count / max(meta["tokens"] - 1, 1)))
+    out = summarize(total, count, round(meta.bytes * count / max(meta.tokens - 1, 1)))
     out["source"] = f"{data_dir}:{split}"
     return out
 

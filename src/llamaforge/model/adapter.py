@@ -18,6 +18,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .hf import LlamaForgeForCausalLM
 
 IGNORE = -100
@@ -113,3 +114,14 @@ def find_blocks(model: nn.Module) -> list[nn.Module]:
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0
              and len({type(c) for c in m}) == 1]
     return list(max(lists, key=len)) if lists else []
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each block in the backward pass: ours by its flag, a user's by transformers' API."""
+    if is_builtin(model):
+        model.model.gradient_checkpointing = True
+    elif getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise UserError(f"train.activation_checkpointing: {type(model).__name__} does not support gradient checkpointing "
+                        "(supports_gradient_checkpointing = False); drop the setting or add it to your model")

@@ -61,11 +61,24 @@ def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     return {"total": total, "non_embedding": total - embedding}
 
 
+def nonfinite_parameters(model) -> list[str]:
+    """Names of parameters holding NaN/inf (one device sync; sharded parameters check their shard)."""
+    named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in model.named_parameters()]
+    if not named:
+        return []
+    flags = torch.stack([torch.isfinite(p).all() for _, p in named]).cpu()
+    return [n for (n, _), ok in zip(named, flags.tolist()) if not ok]
+
+
 def save_model(model, tokenizer: PreTrainedTokenizerBase | None, out: str | Path,
                files: dict[str, str] | None = None) -> Path:
     """Write a Hugging Face folder atomically (stock Llama / GPT-2 models too: no custom code then),
     plus extra text `files` by name (the model card: publish/card.py renders them)."""
     out = Path(out)
+    bad = nonfinite_parameters(model)
+    if bad:  # never publish NaN/inf weights
+        raise UserError(f"the model's weights are not finite ({len(bad)} tensors, first {bad[0]}); nothing was written "
+                        f"to {out}: train again from a healthy checkpoint with a lower learning rate")
     with atomic_folder(out, is_model_folder, "model folder with config.json and llamaforge.json") as tmp:
         model.generation_config = GenerationConfig(
             bos_token_id=model.config.bos_token_id,
@@ -115,11 +128,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, code: Model
         if why:
             raise UserError(f"{weights} is damaged ({why}); copy the folder again, or re-publish it from its run "
                             "(`llamaforge export --model RUN_DIR/checkpoints/step_N --out DIR`)")
-    try:
-        cfg = json.loads((path / "config.json").read_text())
-        model_type = cfg.get("model_type")
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        raise UserError(f"{path / 'config.json'} is not a valid JSON config; re-export the folder") from None
+    cfg = read_config_json(path)
+    model_type = cfg.get("model_type")
     ours = model_type == "llamaforge" or "LlamaForgeForCausalLM" in json.dumps(cfg.get("auto_map") or {})
     if code.builtin and cfg.get("auto_map") and not ours:  # code is run only when the user names it
         raise UserError(f"{path} holds a model with its own code ({', '.join(folder_code(path)) or 'auto_map'}); "
@@ -144,12 +154,32 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32, code: Model
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
         raise UserError(f"{path} does not match its config ({bad}); re-export the folder")
+    if code.builtin:
+        try:
+            model.config.rope_factor  # the one rotary kind we compute: default or linear interpolation
+        except ValueError as e:
+            raise UserError(f"{path / 'config.json'}: {e} (llamaforge computes plain and linearly interpolated RoPE); "
+                            "use a model folder without that rope_parameters") from None
+    bad = nonfinite_parameters(model)
+    if bad:
+        raise UserError(f"{path} holds non-finite weights ({bad[0]}); re-publish it from a healthy checkpoint")
     return model.eval()
 
 
 def folder_code(path: Path) -> list[str]:
     """The .py files a model folder carries (a user's model saved with save_pretrained)."""
     return sorted(p.name for p in Path(path).glob("*.py"))
+
+
+def read_config_json(path: Path) -> dict:
+    """A model folder's config.json as a dict, or one line saying it is damaged."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise UserError(f"{Path(path) / 'config.json'} is not a valid JSON config; re-export the folder") from None
+    return cfg
 
 
 def _legacy_weights(path: Path) -> bool:

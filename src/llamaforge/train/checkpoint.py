@@ -80,9 +80,41 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
             (tmp / PINNED).write_text("kept by rotation: the last checkpoint before the LR decay; "
                                       "continue a longer run from it with train.resume_from\n")
     rotating = [c for c in checkpoints(run_dir) if not (c / PINNED).exists()]
+    keeper = newest_healthy(run_dir)  # never rotated away, however many diverging ones follow it
     for old in rotating[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != keeper:
+            shutil.rmtree(old, ignore_errors=True)
     return checkpoint_dir(run_dir, step)
+
+
+def is_healthy(path: Path) -> bool:
+    """Written while no bad step was in progress (train/divergence.py); older checkpoints count as healthy."""
+    try:
+        return read_state(path).get("healthy", True) is True
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def newest_healthy(run_dir: Path) -> Path | None:
+    return next((c for c in reversed(checkpoints(run_dir)) if is_healthy(c) and problem(c) is None), None)
+
+
+# train settings a resumed run must share with its checkpoint (else it is not the same run); the
+# others (max_steps, lr, muon_lr, min_lr_ratio, intervals, precision, wrapper...) may change on resume
+LOCKED = ("seq_len", "batch_tokens", "optimizer", "schedule", "warmup_steps", "decay_fraction", "decay_shape",
+          "weight_decay", "beta1", "beta2", "grad_clip", "muon_momentum", "muon_weight_decay", "seed")
+
+
+def check_resume_changes(path: Path, t) -> None:
+    """Refuse, in one line naming the keys, a resume whose settings would break exact resume."""
+    saved = read_state(path).get("train")
+    if not isinstance(saved, dict):  # checkpoints of earlier versions did not record it
+        return
+    changed = [k for k in LOCKED if k in saved and saved[k] != getattr(t, k)]
+    if changed:
+        pairs = ", ".join(f"train.{k} {saved[k]!r} -> {getattr(t, k)!r}" for k in changed)
+        raise UserError(f"resuming {path.name} with other settings ({pairs}) would not continue the same run; "
+                        "resume with the run's values (its config.yaml), or start a new run with another --out")
 
 
 def problem(path: Path) -> str | None:
@@ -93,8 +125,12 @@ def problem(path: Path) -> str | None:
     except (OSError, ValueError, UnicodeDecodeError) as e:
         return f"state.json is unreadable ({type(e).__name__})"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or \
-            not all(isinstance(state.get(k), dict) for k in ("scheduler", "loader", "model_config")):
+            not all(isinstance(state.get(k), dict) and state.get(k) for k in ("scheduler", "loader", "model_config")):
         return "state.json lacks step, scheduler, loader or model_config"
+    sched = state["scheduler"]
+    if not isinstance(sched.get("last_epoch"), int) or not isinstance(sched.get("base_lrs"), list) or \
+            not isinstance(state.get("tokens_seen", 0), int):
+        return "state.json has a damaged scheduler or token count"
     why = safetensors_problem(path / "model.safetensors")
     if why:
         return f"model.safetensors is damaged ({why.split(':')[0]})"
@@ -110,7 +146,7 @@ def newest_valid(found: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]
     """The newest checkpoint that passes `problem`, and the (newer) ones rejected with the reason."""
     rejected = []
     for path in reversed(found):
-        why = problem(path)
+        why = problem(path) or (None if is_healthy(path) else "written while the run was diverging")
         if why is None:
             return path, rejected
         rejected.append((path, why))

@@ -13,7 +13,6 @@ RUN_DIR/final is the workflows' job.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import pickle
@@ -29,20 +28,21 @@ from ..config import RunConfig, micro_batch_for, parse_duration, save_config
 from ..data.loader import Prefetched
 from ..errors import UserError
 from ..eval.loss import windowed_loss
-from ..fsutil import atomic_write_bytes
-from ..model.adapter import is_builtin
-from ..runs import RunRecord, config_path, describe_recipe, metrics_path, read_metrics, tokenizer_dir
+from ..model.adapter import enable_activation_checkpointing, is_builtin
+from ..model.io import nonfinite_parameters
+from ..runs import RunRecord, config_path, copy_metrics, describe_recipe, metrics_path, tokenizer_dir
 from . import checkpoint as ckpt
-from .bench import score_tasks
+from .bench import sample_text, score_tasks
 from .checks import check_runnable, task_list
 from .compiling import choose as choose_compile
 from .distributed import Dist, compile_blocks, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, train_flops_per_token
+from .divergence import Divergence, Health
 from .optim import build_optimizer, build_scheduler, decay_start
 from .preempt import SIGNALS, StopFlag, Stopped
 from .precision import choose as choose_precision
 from .precision import tf32_matmuls
-from .step import StepStats, split_micro, train_step
+from .step import split_micro, train_step
 
 log = logging.getLogger(__name__)
 
@@ -68,32 +68,6 @@ class TrainResult:
     step: int
 
 
-@torch.no_grad()
-def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tokens: int = 32,
-                synced: bool = False) -> str:
-    """Greedy continuation of `prompt`. `synced`: FSDP2 ranks keep stepping together until every rank
-    is done (each forward all-gathers the weights, so a rank stopping early at EOS would hang the rest)."""
-    if not hasattr(model, "generate"):  # a user's model without GenerationMixin: no sample (check says so)
-        return ""
-    was_training = model.training
-    model.eval()
-    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    room = model.config.max_position_embeddings - ids.shape[1]  # never past the model's positions (README: train)
-    if room < 1:
-        return ""
-    out = model.generate(ids, max_new_tokens=min(max_new_tokens, room), do_sample=False, synced_gpus=synced,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
-    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
-
-
-def copy_metrics(source_run: Path, run_dir: Path, step: int) -> None:
-    """The source run's metrics up to `step`, as the start of this run's metrics.jsonl."""
-    kept = [json.dumps(r) + "\n" for r in read_metrics(source_run) if r.get("step", 0) <= step]
-    if kept:
-        atomic_write_bytes(metrics_path(run_dir), "".join(kept).encode())
-
-
 def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path, resume: bool | None = None,
           progress: bool = True, record: RunRecord | None = None) -> TrainResult:
     """Train `model` (its weights are replaced by the latest checkpoint when resuming).
@@ -112,18 +86,7 @@ def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path
         teardown()
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Recompute each block in the backward pass: ours by its flag, a user's by transformers' API."""
-    if is_builtin(model):
-        model.model.gradient_checkpointing = True
-    elif getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        raise UserError(f"train.activation_checkpointing: {type(model).__name__} does not support gradient checkpointing "
-                        "(supports_gradient_checkpointing = False); drop the setting or add it to your model")
-
-
-class Trainer:
+class Trainer(Divergence):
     """One run: checks and set-up in __init__ (refusals before anything is written), then `run`."""
 
     def __init__(self, cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progress, d: Dist,
@@ -133,10 +96,13 @@ class Trainer:
         self.model, self.progress = model, progress
         check_runnable(cfg, model.config, d.world)
         usable, continued, rejected = ckpt.choose(self.t, run_dir, d, resume)
-        if usable is not None:  # the code a checkpoint was trained with (a user's model: its sha256)
+        if usable is not None:  # the same code (a user's model: its sha256) and the settings exact resume needs
             ckpt.check_code(usable, record.code, self.t.allow_code_change)
+            ckpt.check_resume_changes(usable, self.t)
         self.batches = Prefetched(batches_factory(d.rank, d.world), pin=d.device.type == "cuda")
-        self.step, self.tokens_seen, self.bad_streak = 0, 0, 0
+        self.step, self.tokens_seen = 0, 0
+        self.health = Health(self.t.spike_factor, self.t.max_bad_steps)
+        self.lr_scale, self.rollbacks, self.lr_change = 1.0, 0, None  # rollbacks halve the LR (divergence.py)
         self.slowest_step_s, self.slowest_save_s, self.steps_here = 0.0, 0.0, 0  # for train.time_limit
         self.saved_step: int | None = None  # the step of the checkpoint on disk that this process wrote or resumed
         state = self.load_weights(usable)
@@ -200,15 +166,28 @@ class Trainer:
             where = usable.relative_to(self.run_dir) if usable.is_relative_to(self.run_dir) else usable
             raise UserError(f"{where} has an optimizer or RNG state that cannot be read safely "
                             f"({type(e).__name__}); move that checkpoint away to resume from an older one") from None
-        sched = self.scheduler
-        sched.load_state_dict(state["scheduler"])
-        for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
-            group["lr"] = base * fn(sched.last_epoch)  # this run's schedule (a longer run: not the saved LR)
+        self.apply_schedule(state)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.batches.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.health.load_state_dict(state.get("health", {}))
         self.saved_step = self.step if usable.parent.parent == self.run_dir else None
+
+    def apply_schedule(self, state: dict) -> None:
+        """The checkpoint's schedule position with THIS run's peak LRs (a resume trains what config.yaml
+        and the card record: a changed lr / muon_lr takes effect from here, with an lr_changed event),
+        times the rollbacks' scale."""
+        sched = self.scheduler
+        configured = list(sched.base_lrs)  # from this run's config (the optimizer state overwrote the groups)
+        sched.load_state_dict(state["scheduler"])
+        saved = [b / state.get("lr_scale", 1.0) for b in sched.base_lrs]
+        self.lr_scale, self.rollbacks = float(state.get("lr_scale", 1.0)), int(state.get("rollbacks", 0))
+        sched.base_lrs = [b * self.lr_scale for b in configured]
+        for group, base, fn, peak in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, configured):
+            group["initial_lr"], group["lr"] = peak, base * fn(sched.last_epoch)
+        if any(abs(a - b) > 1e-12 * max(abs(a), abs(b), 1e-30) for a, b in zip(saved, configured)):
+            self.lr_change = {"from": saved, "to": configured}
 
     def open_metrics(self, usable: Path | None, continued: Path | None, rejected: list) -> None:
         d, t, run_dir = self.d, self.t, self.run_dir
@@ -230,6 +209,8 @@ class Trainer:
             self.metrics.log("event", self.step, event="checkpoint_invalid", checkpoint=path.name, reason=why)
         if usable:
             self.metrics.log("event", self.step, event="resumed", checkpoint=usable.name)
+        if self.lr_change:
+            self.metrics.log("event", self.step, event="lr_changed", **self.lr_change)
         self.flops_per_token = train_flops_per_token(self.model.config, t.seq_len)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -280,10 +261,9 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         seconds = time.perf_counter() - start
-        if stats.skipped:
-            self.skipped(stats)
-            return
-        self.bad_streak = 0
+        bad = self.health.observe(stats.loss, stats.skipped)
+        if bad and (self.bad_step(bad, stats) or stats.skipped):
+            return  # rolled back, or no update was made
         self.tokens_seen += stats.tokens
         tps = stats.tokens / seconds
         self.metrics.log("train", self.step, loss=stats.loss, **lrs, grad_norm=stats.grad_norm, tokens=stats.tokens,
@@ -297,14 +277,6 @@ class Trainer:
         every = t.eval_tasks_every or t.eval_every
         if t.eval_tasks and every and (self.step % every == 0 or self.step == t.max_steps):
             self.score_tasks()
-
-    def skipped(self, stats: StepStats) -> None:
-        self.bad_streak += 1
-        log.warning("step %d: loss or gradient not finite; update skipped (%d in a row)", self.step, self.bad_streak)
-        self.metrics.log("event", self.step, event="skipped_step", loss=stats.loss, grad_norm=stats.grad_norm)
-        if self.bad_streak >= self.t.max_bad_steps:
-            raise UserError(f"loss or gradient was not finite for {self.bad_streak} steps in a row (step {self.step}); "
-                            "lower --lr, raise warmup_steps or check the data")
 
     def evaluate(self) -> None:
         """Validation loss and bits per byte (windows split over DDP ranks), and the sample: eager even
@@ -345,7 +317,8 @@ class Trainer:
         out = {"scheduler": self.scheduler.state_dict(), "loader": self.batches.state_dict(),
                "tokens_seen": self.tokens_seen, "model_config": self.model.config.to_dict(),
                "records": self.record.to_dict(), "precision": self.precision.name, "optimizer": self.t.optimizer,
-               "world": self.d.world, "fsdp": self.sharded}
+               "world": self.d.world, "fsdp": self.sharded, "train": asdict(self.t), "healthy": self.health.healthy,
+               "health": self.health.state_dict(), "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
         if self.scaler is not None:
             out["scaler"] = self.scaler.state_dict()
         return out
@@ -353,6 +326,13 @@ class Trainer:
     def save(self, tag: str) -> None:
         """An atomic checkpoint of this step (FSDP: gathered on every rank, written by the main one)."""
         start = time.perf_counter()
+        bad = torch.tensor([float(bool(nonfinite_parameters(self.wrapped)))], device=self.d.device)
+        self.d.all_reduce(bad)  # every rank agrees (FSDP: each checks its shard)
+        if float(bad) > 0:  # never written: a NaN checkpoint would rotate the healthy ones away
+            healthy = ckpt.newest_healthy(self.run_dir)
+            raise UserError(f"the weights are not finite at step {self.step}; no checkpoint was written and "
+                            f"{'the last healthy one is ' + str(healthy.relative_to(self.run_dir)) if healthy else 'none is healthy'}"
+                            ": run the same command with a lower --lr, or set --train.on_divergence rollback")
         full = ckpt.gather_full_state(self.wrapped, self.optimizer) if self.sharded else None  # a collective
         if self.d.main:
             self.write_checkpoint(tag, full)

@@ -133,6 +133,13 @@ class MetricsLogger:
 
             self.wandb = wandb.init(project=wandb_project, dir=str(run_dir), config=config or {})
 
+    def rewind(self, step: int) -> None:
+        """Forget the records after `step` (a rollback trains those steps again)."""
+        if self.enabled:
+            self.file.close()
+            self._truncate(step)
+            self.file = open(self.path, "a")
+
     def _truncate(self, step: int) -> None:
         """Drop records past the checkpoint we resume from (the resumed run writes them again) and any
         damaged line (a partial last line after a power cut); rewritten atomically."""

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from ..config import check_range
 from ..data.prepare import read_meta
 from ..errors import UserError, require_extra
-from ..eval.harness import run_tasks
+from ..eval.harness import run_tasks, task_manager
 from ..eval.tasks import check_names, expand, include_paths
 from ..eval.perplexity import perplexity_on_split, perplexity_on_text
 from ..fsutil import atomic_write_bytes, check_replaceable_file
@@ -18,6 +19,18 @@ from ..tokenizer import load_tokenizer
 from ..train.precision import tf32_matmuls
 from ..model.usercode import BUILTIN, ModelCode
 from .common import check_vocab, load_model_arg
+
+
+def read_results(path: str | Path) -> dict:
+    """A results file of `llamaforge eval --out`, parsed, or one line saying why it is not one."""
+    try:
+        d = json.loads(Path(path).read_text())
+        if not isinstance(d, dict) or not {"model", "perplexity", "tasks"} <= set(d):
+            raise ValueError
+    except (OSError, ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not a results file (JSON with model, perplexity, tasks); pass a file written by "
+                        "`llamaforge eval --out`") from None
+    return d
 
 
 def is_results_file(path: Path) -> bool:
@@ -38,27 +51,28 @@ def evaluate(model_path: str, *, data_dir: str | None = None, text: str | None =
         raise UserError("nothing to evaluate: pass --data DIR, --text FILE and/or --tasks NAMES")
     if irt_params and not Path(irt_params).is_file():
         raise UserError(f"--irt-params {irt_params} does not exist; pass tinyBenchmarks.pkl or leave it out")
-    if tasks:  # before the model is loaded and perplexity is spent
+    include = None
+    if tasks:  # before the model is loaded and perplexity is spent: every name resolved
         require_extra("lm_eval", "eval")
-        check_names(list(tasks))
+        include = task_paths(tasks, subjects, include_path)
+        task_manager(expand(list(tasks)), include)
     if out is not None:
         check_replaceable_file(Path(out), is_results_file, "results file from `llamaforge eval`")
-    if max_tokens is not None and max_tokens < 1:
-        raise UserError(f"--max-tokens {max_tokens} must be at least 1")
-    if batch_size is not None and batch_size < 1:
-        raise UserError(f"--batch-size {batch_size} must be at least 1 (or leave it out: 4 on a CPU, 32 on CUDA)")
+    for label, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size), ("--limit", limit)):
+        if value is not None:  # None: all tokens / the device's default batch / every item
+            check_range(label, value, 1, 1 << 40)
     model, tok_dir = load_model_arg(model_path, code)
     if data_dir:
-        check_vocab(model, read_meta(data_dir)["vocab_size"], str(data_dir))
+        check_vocab(model, read_meta(data_dir).vocab_size, str(data_dir))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = model.float().to(device)
     batch_size = batch_size or (32 if device.type == "cuda" else 4)
     with tf32_matmuls(device, True):
-        return _evaluate(model, tok_dir, model_path, data_dir, text, tasks, limit, subjects, include_path, irt_params,
+        return _evaluate(model, tok_dir, model_path, data_dir, text, tasks, limit, subjects, include, irt_params,
                          batch_size, out, samples_dir, max_tokens)
 
 
-def _evaluate(model, tok_dir, model_path, data_dir, text, tasks, limit, subjects, include_path, irt_params,
+def _evaluate(model, tok_dir, model_path, data_dir, text, tasks, limit, subjects, include, irt_params,
               batch_size, out, samples_dir, max_tokens) -> dict:
     tokenizer = load_tokenizer(str(tok_dir))
     result: dict = {"model": str(model_path), "time": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": "float32" if model.device.type == "cpu" else "float32 (TF32 matmuls)",
@@ -68,7 +82,6 @@ def _evaluate(model, tok_dir, model_path, data_dir, text, tasks, limit, subjects
     if text:
         result["perplexity"]["text"] = perplexity_on_text(model, tokenizer, text, batch_size)
     if tasks:
-        include = task_paths(tasks, subjects, include_path)
         result["tasks"] = run_tasks(model, tokenizer, expand(list(tasks)), include, limit, batch_size, irt_params,
                                     log_samples=samples_dir is not None, output_dir=samples_dir)
         result["settings"] = {"limit": limit, "subjects": subjects, "batch_size": batch_size}

@@ -3,7 +3,6 @@ Llama or stock GPT-2 folder, its card carried over (plus any eval results given)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from ..errors import UserError
@@ -12,12 +11,7 @@ from ..publish.export import export
 from ..tokenizer import load_tokenizer
 from ..model.usercode import BUILTIN, ModelCode
 from .common import load_model_arg
-
-
-def read_eval(path: str | Path) -> dict:
-    if not Path(path).is_file():
-        raise UserError(f"{path} does not exist; pass a results file from `llamaforge eval --out`")
-    return json.loads(Path(path).read_text())
+from .evaluate import read_results
 
 
 def export_model(model_path: str | Path, out: str | Path, fmt: str = "llama", evals: list[str] = (),
@@ -27,7 +21,7 @@ def export_model(model_path: str | Path, out: str | Path, fmt: str = "llama", ev
         raise UserError(f"--format {fmt} converts llamaforge's own model; a model of your own code exports as itself: "
                         "--format llamaforge (its code travels with the weights)")
     model, tok_dir = load_model_arg(model_path, code)
-    results = [read_eval(e) for e in evals]
+    results = [read_results(e) for e in evals]
     previous = read_records(tok_dir) or {}
     records = model_records(model, previous.get("tokenizer", "see tokenizer files"), evals=results, previous=previous)
     return export(model, load_tokenizer(str(tok_dir)), out, fmt, records)

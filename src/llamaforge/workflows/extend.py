@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import RunConfig
+from ..config import RunConfig, check_range
 from ..data.loader import PretrainBatches, to_pair
 from ..data.prepare import open_split
 from ..errors import UserError
 from ..eval.loss import windowed_loss
 from ..fsutil import atomic_write_bytes
 from ..model.adapter import is_builtin
-from ..model.io import load_model
+from ..model.io import load_model, read_config_json
 from ..model.usercode import BUILTIN, ModelCode
 from ..modelcheck import Subject
 from ..modelcheck.behaviour import position_interpolation
@@ -60,8 +60,7 @@ def interpolate(model, seq_len: int, factor: float | None = None, code: ModelCod
     if seq_len <= old:
         raise UserError(f"--seq-len {seq_len} is not larger than the model's {old} positions; pass a longer length")
     factor = factor if factor is not None else config.rope_factor * seq_len / old
-    if not factor > 0:
-        raise UserError(f"--factor {factor} must be positive")
+    check_range("--factor", factor, *FACTORS)
     new = copy.deepcopy(model)
     new.config.max_position_embeddings = seq_len
     rope = {"rope_type": "linear", "factor": float(factor), "rope_theta": float(config.rope_theta)}
@@ -70,6 +69,9 @@ def interpolate(model, seq_len: int, factor: float | None = None, code: ModelCod
     else:
         new.config.rope_scaling = rope
     return new
+
+
+FACTORS = (1.0, 1e4)  # Position Interpolation compresses positions: a factor below 1 would extrapolate
 
 
 def _linear_factor(config) -> float:
@@ -83,8 +85,7 @@ def _interpolate_user(model, seq_len: int, factor: float | None, code: ModelCode
     if seq_len <= old:
         raise UserError(f"--seq-len {seq_len} is not larger than the model's {old} positions; pass a longer length")
     factor = factor if factor is not None else _linear_factor(model.config) * seq_len / old
-    if not 0 < factor < float("inf"):
-        raise UserError(f"--factor {factor} must be a positive, finite number")
+    check_range("--factor", factor, *FACTORS)
     fields = dict(model.config.to_dict(), max_position_embeddings=seq_len,
                   rope_scaling={"rope_type": "linear", "type": "linear", "factor": float(factor)})
     fields.pop("rope_parameters", None)
@@ -150,10 +151,11 @@ def extend(cfg: RunConfig, model_path: str, data_dir: str | Path, run_dir: str |
            code: ModelCode = BUILTIN) -> Path:
     """`llamaforge extend`: interpolate, fine-tune at `seq_len` with the training loop, publish,
     then measure the evidence (once, in the main process, from the published model)."""
+    check_range("--seq-len", seq_len, 2, 1 << 20)
     cfg_file = Path(model_path) / "config.json"
     if cfg_file.exists() and code.builtin:
-        kind = json.loads(cfg_file.read_text()).get("model_type")
-        learned = json.loads(cfg_file.read_text()).get("position_embedding_type") == "learned"
+        folder = read_config_json(Path(model_path))
+        kind, learned = folder.get("model_type"), folder.get("position_embedding_type") == "learned"
         if kind not in ("llamaforge", "llama") or learned:
             raise UserError(f"{model_path} holds a {kind!r} model, which has no rotary embeddings to interpolate; "
                             "extend works on llamaforge and llama models")
@@ -165,10 +167,10 @@ def extend(cfg: RunConfig, model_path: str, data_dir: str | Path, run_dir: str |
     tokenizer = load_tokenizer(str(tok_dir))
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=seq_len))  # the caller's cfg is kept
     meta, data = data_record(data_dir)
-    record = RunRecord(tokenizer=meta["tokenizer"], data=data, previous_card=read_records(tok_dir) or {}, code=code.record(),
+    record = RunRecord(tokenizer=meta.tokenizer, data=data, previous_card=read_records(tok_dir) or {}, code=code.record(),
                        extend={"from": str(model_path), "trained_len": base.config.max_position_embeddings,
                                "seq_len": seq_len, "factor": factor})
-    check_vocab(model, meta["vocab_size"], str(data_dir))
+    check_vocab(model, meta.vocab_size, str(data_dir))
     with run_directory(run_dir):
         result = train(cfg, model, tokenizer, lambda r, w: PretrainBatches(data_dir, cfg.train, r, w), run_dir, resume,
                        progress, record)

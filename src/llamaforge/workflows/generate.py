@@ -9,25 +9,29 @@ import torch
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
 from ..data.sft import chat_prompt
+from ..config import RANGES, check_range
 from ..errors import UserError
 from ..model.io import load_model
 from ..model.usercode import BUILTIN, ModelCode
 from ..tokenizer import load_tokenizer
 
 
+SEEDS = RANGES["seed"][:2]
+
+
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
-                   repetition_penalty: float) -> None:
-    """Refuse settings that transformers would silently ignore or turn into nonsense."""
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens} must be at least 1")
-    if not temperature >= 0:
-        raise UserError(f"--temperature {temperature} must be 0 (greedy) or more")
-    if top_k is not None and top_k < 0:
-        raise UserError(f"--top-k {top_k} must be 0 (off) or more")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise UserError(f"--top-p {top_p} must be in (0, 1]")
-    if not repetition_penalty > 0:
-        raise UserError(f"--repetition-penalty {repetition_penalty} must be positive")
+                   repetition_penalty: float, seed: int = 0) -> None:
+    """Refuse settings that transformers would silently ignore or turn into nonsense (a temperature
+    below 0.01 divides the logits into inf: NaN probabilities)."""
+    check_range("--max-new-tokens", max_new_tokens, 1, 1 << 20)
+    if temperature != 0:
+        check_range("--temperature (0 = greedy, or)", temperature, 0.01, 100)
+    if top_k is not None:
+        check_range("--top-k", top_k, 0, 1 << 24)
+    if top_p is not None:
+        check_range("--top-p", top_p, 0, 1, closed=False)
+    check_range("--repetition-penalty", repetition_penalty, 0.01, 100)
+    check_range("--seed", seed, *SEEDS)
 
 
 def check_length(config, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -79,7 +83,7 @@ def generate(
     single prompt's tokens are written to stdout as they are produced (TextStreamer)."""
     if stream and len(prompts) != 1:
         raise ValueError("streaming needs exactly one prompt")
-    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    check_sampling(max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed)
     batch = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")  # the tokenizer is not changed
     check_length(model.config, batch["input_ids"].shape[1], max_new_tokens)
     device = next(model.parameters()).device

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..config import RunConfig
 from ..data.loader import PretrainBatches
-from ..data.prepare import read_meta
+from ..data.prepare import Meta, read_meta
 from ..errors import UserError
 from ..model.io import build_model
 from ..model.usercode import BUILTIN, ModelCode
@@ -16,10 +16,10 @@ from ..train.loop import train
 from .common import publish_final, run_directory
 
 
-def data_record(data_dir: str | Path) -> tuple[dict, dict]:
+def data_record(data_dir: str | Path) -> tuple[Meta, dict]:
     """(meta.json, the RunRecord's `data` entry) of a prepared data folder."""
     meta = read_meta(data_dir)
-    return meta, {"source": meta["source"], "dir": str(data_dir), "train_tokens": meta["splits"]["train"]["tokens"]}
+    return meta, {"source": meta.source, "dir": str(data_dir), "train_tokens": meta.splits["train"].tokens}
 
 
 def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume: bool | None = None,
@@ -27,11 +27,11 @@ def pretrain(cfg: RunConfig, data_dir: str | Path, run_dir: str | Path, resume: 
     """Train (or resume the run's checkpoint) and write RUN_DIR/final; returns its path."""
     meta, data = data_record(data_dir)
     tokenizer = load_tokenizer(str(Path(data_dir) / "tokenizer"))
-    if meta["vocab_size"] > cfg.model.vocab_size:
-        raise UserError(f"the data's tokenizer has {meta['vocab_size']} tokens, the model {cfg.model.vocab_size}; "
+    if meta.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the data's tokenizer has {meta.vocab_size} tokens, the model {cfg.model.vocab_size}; "
                         "set --model.vocab_size")
     model = build_model(cfg.model, tokenizer, seed=cfg.train.seed, code=code)
-    record = RunRecord(tokenizer=meta["tokenizer"], data=data, code=code.record())
+    record = RunRecord(tokenizer=meta.tokenizer, data=data, code=code.record())
     with run_directory(run_dir):
         result = train(cfg, model, tokenizer, lambda rank, world: PretrainBatches(data_dir, cfg.train, rank, world),
                        run_dir, resume, progress, record)

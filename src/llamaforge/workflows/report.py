@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError, require_extra
-from ..fsutil import atomic_write_bytes, check_replaceable
+from ..fsutil import atomic_folder, atomic_write_bytes
 from ..publish.card import read_records
 from ..runs import (
     checkpoints,
@@ -25,6 +25,7 @@ from ..runs import (
     recipe,
     run_summary,
 )
+from .evaluate import read_results
 
 
 def _pyplot():
@@ -169,14 +170,15 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
     for r in runs:
         if not metrics_path(r).exists():
             raise UserError(f"{r} is not a run directory (no metrics.jsonl); pass the --out of train, extend or sft")
-    results = []
-    for e in evals:
-        if not Path(e).is_file():
-            raise UserError(f"eval result {e} does not exist; pass a file written by `llamaforge eval --out`")
-        results.append((Path(e), json.loads(Path(e).read_text())))
-    out = Path(out)
-    check_replaceable(out, lambda p: (p / "report.md").is_file(), "report folder (report.md)")
-    out.mkdir(parents=True, exist_ok=True)
+    results = [(Path(e), read_results(e)) for e in evals]
+    final = Path(out)
+    # written beside --out and swapped in whole: a failure late leaves the old report as it was
+    with atomic_folder(final, lambda p: (p / "report.md").is_file(), "report folder (report.md)") as out:
+        _write(runs, results, out)
+    return final / "report.md"
+
+
+def _write(runs: list[Path], results: list, out: Path) -> None:
     recs = {r.name: read_metrics(r) for r in runs}
     figs = []
 
@@ -255,4 +257,3 @@ def make_report(runs: list[str | Path], evals: list[str | Path] = (), out: str |
             "td,th{border:1px solid #ccc;padding:.2em .5em}img{max-width:100%}pre{background:#f6f6f6;padding:1em}"
             f"</style></head><body>{body}</body></html>")
     atomic_write_bytes(out / "report.html", html.encode())
-    return out / "report.md"
