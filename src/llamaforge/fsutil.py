@@ -1,13 +1,18 @@
 """Atomic files and folders: the one place that writes-aside-then-renames.
 
 A file is written to a temporary name beside its destination, fsynced and renamed over it; a folder
-is filled in `.NAME.tmp-PID/` beside its destination, every file fsynced, then renamed into place.
-A SIGKILL at any moment leaves either the old content or the new one, never a mixture; the
-temporary folder it leaves behind is removed the next time the same destination is written.
+is filled in `.NAME.tmp-PID/` beside its destination, every file fsynced, then put in place: swapped
+with the old folder in one atomic step where the OS has one (Linux renameat2 RENAME_EXCHANGE), else
+by two renames (old -> `.NAME.old-PID`, new -> NAME). A SIGKILL at any moment leaves the old folder
+or the new one, never a mixture and never neither: a kill between the two renames is repaired at the
+next start (`recover`: the old folder back in place). Leftover temporary folders are removed the next
+time the same destination is written. `_step` marks each step, for the fault-injection tests.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
 import tempfile
@@ -54,10 +59,41 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def _step(name: str) -> None:
+    """A point in a folder replacement (filled, exchanged, old_moved, new_moved, done): tests replace
+    this to kill the process there."""
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where the
+    OS or filesystem has no such call (the caller then renames twice)."""
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EXDEV):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def recover(out: Path) -> None:
+    """A folder replacement killed between its two renames left `out` missing and the old folder as
+    `.NAME.old-PID`: put it back (the new one, possibly incomplete, is discarded by remove_stale)."""
+    out = Path(out)
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not out.exists() and not out.is_symlink():
+        os.replace(olds[-1], out)
+
+
 def remove_stale(out: Path) -> None:
-    """Temporary folders left beside `out` by a killed writer."""
-    for stale in Path(out).parent.glob(f".{Path(out).name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
+    """Temporary folders left beside `out` by a killed writer (after `recover`)."""
+    recover(out)
+    for pattern in (f".{Path(out).name}.tmp-*", f".{Path(out).name}.old-*"):
+        for stale in Path(out).parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def check_replaceable(out: str | Path, ours: Callable[[Path], bool], what: str) -> None:
@@ -90,6 +126,8 @@ def atomic_folder(out: str | Path, ours: Callable[[Path], bool] | None = None, w
     place). On an exception the temporary folder is removed and `out` is untouched. With `ours`, an
     existing `out` that llamaforge did not write is refused before anything is written."""
     out = Path(out)
+    if out.parent.exists():
+        recover(out)  # a replacement killed between its renames: the old folder first, then the checks
     if ours is not None:
         check_replaceable(out, ours, what)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -100,14 +138,27 @@ def atomic_folder(out: str | Path, ours: Callable[[Path], bool] | None = None, w
     try:
         yield tmp
         fsync_tree(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            os.replace(out, old)
-        os.replace(tmp, out)
-        fsync_dir(out.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _step("filled")
+        _put_in_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _put_in_place(tmp: Path, out: Path) -> None:
+    if out.exists() and exchange(tmp, out):  # one atomic step; tmp now holds the old folder
+        _step("exchanged")
+        fsync_dir(out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+    elif out.exists():  # two renames; a kill between them is repaired by `recover`
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+        _step("old_moved")
+        os.replace(tmp, out)
+        _step("new_moved")
+        fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+        fsync_dir(out.parent)
+    _step("done")

@@ -26,7 +26,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import UserError
-from .fsutil import atomic_write_bytes
+from .fsutil import atomic_write_bytes, recover
 
 CONFIG, METRICS, TOKENIZER, CHECKPOINTS, FINAL, POSITIONS, STATE, LOCK = (
     "config.yaml", "metrics.jsonl", "tokenizer", "checkpoints", "final", "positions.json", "state.json", ".lock")
@@ -104,15 +104,18 @@ def lock_run(run: Path) -> Iterator[None]:
     """Create RUN_DIR if needed and hold its lock (RUN_DIR/.lock). A run refused before it wrote
     anything leaves no trace: a folder this call created that holds only the lock files is removed."""
     run = Path(run)
-    created = not run.exists()
-    run.mkdir(parents=True, exist_ok=True)
-    try:
-        with locked(run / LOCK, run):
+    try:  # exclusively: only the process that made the folder may remove it (another may hold it)
+        run.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    with locked(run / LOCK, run):
+        try:
             yield
-    except BaseException:
-        if created and {p.name for p in run.iterdir()} <= {LOCK, LOCK + ".pid"}:
-            shutil.rmtree(run, ignore_errors=True)
-        raise
+        except BaseException:  # removed while the lock is held: no other process can be using it
+            if created and {p.name for p in run.iterdir()} <= {LOCK, LOCK + ".pid"}:
+                shutil.rmtree(run, ignore_errors=True)
+            raise
 
 
 def checkpoints(run: Path) -> list[Path]:
@@ -232,6 +235,9 @@ class ModelRef:
 def resolve_model(path: str | Path) -> ModelRef:
     """A model folder, a run directory (its final/, else its latest checkpoint) or a checkpoint folder."""
     path = Path(path)
+    for folder in (path, final_dir(path)):  # a replacement killed between its renames: the old folder back
+        if folder.parent.exists():
+            recover(folder)
     if not path.exists():
         raise UserError(f"{path} does not exist; pass a model folder, run directory or checkpoint")
     if (path / "config.json").exists():

@@ -15,7 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..model.io import RECORDS, count_parameters
-from ..runs import config_path, describe_recipe, hardware, latest_state, run_summary
+from ..runs import config_path, describe_recipe, hardware, latest_state, read_metrics, run_summary
 
 
 def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals: list[dict] = (),
@@ -40,7 +40,9 @@ def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals
         stage = {"run": run_dir.name, "steps": s["steps"], "tokens_seen": s["tokens_seen"],
                  "train_loss_last10": s.get("train_loss"), "val_loss": s.get("val_loss"), "val_bpb": s.get("val_bpb"),
                  "recipe": cfg.get("train", {}), "records": latest_state(run_dir).get("records", {}),
-                 "hardware": hardware(run_dir)}
+                 "hardware": hardware(run_dir),
+                 "changes": [{k: r[k] for k in ("step", "event", "from", "to", "checkpoint", "diverged_at", "lr_scale")
+                              if k in r} for r in read_metrics(run_dir) if r.get("event") in ("lr_changed", "rollback")]}
         rec.setdefault("training", []).append(stage)
     if evals:
         rec["evaluations"] = list(rec.get("evaluations", [])) + list(evals)
@@ -98,6 +100,10 @@ def render_card(rec: dict, repo_name: str = "MODEL") -> str:
                   f"sequence length {r.get('seq_len')}",
                   f"- Optimizer and schedule: {describe_recipe(r)}",
                   f"- Hardware and precision: {s['hardware']}"]
+        for c in s.get("changes", []):  # a resume that changed the peak LRs, a rollback that scaled them
+            lines.append(f"- At step {c['step']:,}: " + (f"peak learning rates changed on resume from {c['from']} to {c['to']}"
+                         if c["event"] == "lr_changed" else f"diverged at step {c.get('diverged_at')}; rolled back to "
+                         f"{c.get('checkpoint')} with the learning rates x {c.get('lr_scale')}"))
         res = [f"train loss (mean of last 10 steps) {s['train_loss_last10']:.4f}" if s.get("train_loss_last10") else None,
                f"validation loss {s['val_loss']:.4f}" if s.get("val_loss") else None,
                f"validation bits per byte {s['val_bpb']:.4f}" if s.get("val_bpb") else None]
