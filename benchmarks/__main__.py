@@ -288,6 +288,14 @@ def own_model_step(args) -> dict:
     return own_model.train_step(args, interleaved, report, BENCH_MODEL)
 
 
+@benchmark
+def stop_time(args) -> dict:
+    """SIGTERM to a saved checkpoint, in a step, while compiling, in validation and in scoring (benchmarks/stop_time.py)."""
+    from benchmarks import stop_time as bench_stop
+
+    return bench_stop.run(args, report)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
     p.add_argument("names", nargs="*", help=f"default: all of {', '.join(REGISTRY)}")

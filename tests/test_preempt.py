@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks.gpu_check import _descendants
 from helpers import TOLERANCE, dotlist, micro, stories_data
@@ -230,4 +231,30 @@ def test_a_muon_checkpoint_under_fsdp_or_adamw_is_refused_without_blaming_the_ch
     pretrain(cfg("train.max_steps=2", "train.optimizer=muon", "train.eval_every=0"), data, run, progress=False)
     with pytest.raises(UserError) as e:
         pretrain(cfg("train.max_steps=3", "train.optimizer=adamw", "train.eval_every=0"), data, run, progress=False)
-    assert "trained with train.optimizer muon" in str(e.value) and "move" not in str(e.value)
+    assert "train.optimizer 'muon' -> 'adamw'" in str(e.value) and "move" not in str(e.value)
+
+
+def test_a_signal_during_benchmark_scoring_abandons_it_and_saves_at_once(data, tmp_path, monkeypatch):
+    """Scoring that would run 1,000 forwards: the SIGTERM arriving during it stops the scoring at the
+    next forward, and the run saves that step's checkpoint and stops (Stopped), with an event row."""
+    forwards = {"after_signal": 0}
+
+    def long_scoring(model, tokenizer, tasks, limit, autocast, batch):
+        os.kill(os.getpid(), signal.SIGTERM)
+        ids = torch.zeros(1, 4, dtype=torch.long)
+        for _ in range(1000):
+            forwards["after_signal"] += 1
+            with torch.no_grad():
+                model(input_ids=ids)
+        return {}
+
+    monkeypatch.setattr(loop, "score_tasks", long_scoring)
+    monkeypatch.setattr(loop, "task_list", lambda text: ["copa_offline"])
+    monkeypatch.setattr(loop, "check_runnable", lambda *a, **k: None)
+    run = tmp_path / "run"
+    with pytest.raises(Stopped) as stopped:
+        pretrain(cfg("train.max_steps=6", "train.eval_every=2", "train.eval_tasks=copa_offline"), data, run,
+                 progress=False)
+    assert forwards["after_signal"] == 1  # the first forward after the signal raised
+    assert stopped.value.step == 2 and checkpoints(run)[-1].name == "step_2"
+    assert any(r.get("event") == "abandoned" and r["work"] == "benchmarks" for r in read_metrics(run))

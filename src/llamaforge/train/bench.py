@@ -49,13 +49,15 @@ def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tok
     is done (each forward all-gathers the weights, so a rank stopping early at EOS would hang the rest)."""
     if not hasattr(model, "generate"):  # a user's model without GenerationMixin: no sample (check says so)
         return ""
-    was_training = model.training
-    model.eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     room = model.config.max_position_embeddings - ids.shape[1]  # never past the model's positions (README: train)
     if room < 1:
         return ""
-    out = model.generate(ids, max_new_tokens=min(max_new_tokens, room), do_sample=False, synced_gpus=synced,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model.train(was_training)
+    was_training = model.training
+    model.eval()
+    try:  # the training mode comes back whatever happens (a stop abandons generation: preempt.Abandoned)
+        out = model.generate(ids, max_new_tokens=min(max_new_tokens, room), do_sample=False, synced_gpus=synced,
+                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    finally:
+        model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

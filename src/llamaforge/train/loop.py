@@ -39,7 +39,7 @@ from .distributed import Dist, compile_blocks, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, train_flops_per_token
 from .divergence import Divergence, Health
 from .optim import build_optimizer, build_scheduler, decay_start
-from .preempt import SIGNALS, StopFlag, Stopped
+from .preempt import SIGNALS, Abandoned, StopFlag, Stopped, abandon_on_stop
 from .precision import choose as choose_precision
 from .precision import tf32_matmuls
 from .step import split_micro, train_step
@@ -282,7 +282,8 @@ class Trainer(Divergence):
         """Validation loss and bits per byte (windows split over DDP ranks), and the sample: eager even
         when the blocks are compiled (no-grad forwards and the growing KV cache would each need graphs
         of their own, past dynamo's recompile limit), TF32 matmuls for fp32 on CUDA."""
-        with torch.compiler.set_stance("force_eager"), tf32_matmuls(self.d.device, self.precision.name == "fp32"):
+        with torch.compiler.set_stance("force_eager"), tf32_matmuls(self.d.device, self.precision.name == "fp32"), \
+                abandon_on_stop(self.eval_model, self.flag, not self.sharded):
             self.validate_and_sample()
 
     def validate_and_sample(self) -> None:
@@ -290,26 +291,40 @@ class Trainer(Divergence):
         eval_batches = self.batches.eval_batches()
         if d.world > 1 and not sharded:  # each rank scores its share of the windows; FSDP needs every rank
             eval_batches = itertools.islice(eval_batches, d.rank, None, d.world)  # in every forward
-        s = windowed_loss(self.eval_model, eval_batches, d.device, autocast=self.precision.autocast)
-        sums = torch.tensor([s.total, float(s.count)], dtype=torch.float64, device=d.device)
+        try:
+            s = windowed_loss(self.eval_model, eval_batches, d.device, autocast=self.precision.autocast)
+            total, count, gone = s.total, float(s.count), 0.0
+        except Abandoned:  # a stop arrived: the checkpoint first (the ranks still meet in the all-reduce)
+            total, count, gone = 0.0, 0.0, 1.0
+        sums = torch.tensor([total, count, gone], dtype=torch.float64, device=d.device)
         if d.world > 1 and not sharded:
             d.all_reduce(sums)
+        if sums[2] > 0:
+            self.metrics.log("event", self.step, event="abandoned", work="validation")
+            return
         loss, n = float(sums[0] / max(sums[1], 1)), int(sums[1])
         values = {"val_loss": loss, "val_tokens": n}
         if self.batches.bytes_per_token:
             values["val_bpb"] = loss / math.log(2) / self.batches.bytes_per_token
         self.metrics.log("eval", self.step, **values)
         if self.t.sample_prompt:
-            text = sample_text(self.eval_model, self.tokenizer, self.t.sample_prompt, d.device, synced=sharded)
+            try:
+                text = sample_text(self.eval_model, self.tokenizer, self.t.sample_prompt, d.device, synced=sharded)
+            except Abandoned:
+                return self.metrics.log("event", self.step, event="abandoned", work="sample")
             self.metrics.log("sample", self.step, prompt=self.t.sample_prompt, text=text)
 
     def score_tasks(self) -> None:
         """train.eval_tasks through lm-eval: on the main rank (DDP; the others wait), on every rank
         under FSDP (each forward gathers the weights); one `bench` row."""
         if self.d.main or self.sharded:
-            row = score_tasks(self.eval_model, self.tokenizer, task_list(self.t.eval_tasks), self.t.eval_tasks_limit,
-                              self.precision.autocast, self.micro_batch)
-            self.metrics.log("bench", self.step, tokens_seen=self.tokens_seen, **row)
+            try:
+                with abandon_on_stop(self.eval_model, self.flag, not self.sharded):
+                    row = score_tasks(self.eval_model, self.tokenizer, task_list(self.t.eval_tasks),
+                                      self.t.eval_tasks_limit, self.precision.autocast, self.micro_batch)
+                self.metrics.log("bench", self.step, tokens_seen=self.tokens_seen, **row)
+            except Abandoned:  # a stop arrived mid-scoring: the checkpoint first
+                self.metrics.log("event", self.step, event="abandoned", work="benchmarks")
         self.d.barrier()
 
     def state_dict(self) -> dict:

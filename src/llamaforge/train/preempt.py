@@ -11,6 +11,7 @@ in what is left of the limit.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import time
 
@@ -24,6 +25,30 @@ class Stopped(Exception):
     def __init__(self, step: int, reason: str):
         super().__init__(f"stopped at step {step} ({reason}) with a checkpoint saved; run the same command to continue")
         self.step, self.reason = step, reason
+
+
+class Abandoned(Exception):
+    """A stop arrived during validation, sampling or benchmark scoring: that work is dropped so the
+    checkpoint is saved at once (SLURM kills 30 s after SIGTERM by default)."""
+
+
+@contextlib.contextmanager
+def abandon_on_stop(model, flag: StopFlag, enabled: bool = True):
+    """While active, each forward of `model` first looks at the flag and raises Abandoned when a
+    signal has arrived (off under FSDP2, where every forward is a collective of all ranks)."""
+    if not enabled:
+        yield
+        return
+
+    def check(_module, _args):
+        if flag.received:
+            raise Abandoned(flag.received)
+
+    handle = model.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class StopFlag:
