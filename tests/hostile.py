@@ -5,6 +5,7 @@ not JSON. Each row: (argv, words the one error line must contain); nothing on di
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import fields
 
@@ -26,7 +27,8 @@ HOSTILE = (
        "extend--factor=1e-300", "extend--factor=inf", "extend-config-not-json", "data-id-beyond-vocab",
        "meta-vocab-a-string", "meta-no-source", "meta-no-tokenizer", "model-yarn-rope", "model-nan-weights",
        "checkpoint-empty-scheduler", "export-eval-not-json", "report-eval-not-json", "resume-with-another-seq-len",
-       "sft-val-fraction-1", "prepare-val-fraction-1", "train.on_divergence=maybe", "train.spike_factor=1.1"]
+       "sft-val-fraction-1", "prepare-val-fraction-1", "train.on_divergence=maybe", "train.spike_factor=1.1",
+       "prepare-out-not-utf8", "train-out-not-utf8"]
 )
 
 
@@ -62,6 +64,11 @@ def hostile_case(world, tmp_path, name: str):
     if name in flags:
         argv, word = flags[name]
         return argv, [word]
+    if name.endswith("-out-not-utf8"):  # a name with bytes that are not UTF-8 (os.fsdecode's surrogates)
+        bad = tmp_path / os.fsdecode(b"out-\xff")
+        argv = ["prepare", "--source", w / "c.jsonl", "--out", bad, "--workers", "0"] if name.startswith("prepare") \
+            else ["train", "--data", d, "--out", bad, *TRAIN, "--max-steps", "1"]
+        return argv, ["not a valid UTF-8 path"]
     if name == "eval-unknown-task-before-the-model":  # refused before the (damaged) model is even read
         shutil.copytree(run / "final", tmp_path / "m")
         (tmp_path / "m" / "model.safetensors").write_bytes(b"garbage")

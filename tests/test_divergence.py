@@ -161,3 +161,28 @@ def test_chat_content_parts_and_templates_without_markers_train_the_assistant_to
         {"role": "user", "content": [{"type": "image", "url": "x"}]}, {"role": "assistant", "content": "hi"}]}) + "\n")
     with pytest.raises(UserError, match="image"):
         tokenize_conversations(str(tmp_path / "img.jsonl"), mistral, 64, strict=True)
+
+
+def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(data, tmp_path, monkeypatch):
+    """torch.OutOfMemoryError injected above 2 sequences per forward: `auto` starts at the whole step
+    (8 sequences), halves twice in step 1, then trains exactly as micro_batch 2 does."""
+    real = loop.train_step
+
+    def small_memory(model, optimizer, micro_batches, *a, **k):
+        if len(micro_batches[0][0]) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(model, optimizer, micro_batches, *a, **k)
+
+    monkeypatch.setattr(loop, "train_step", small_memory)
+    common = ("--max-steps", 3, "--save-every", 3, "--batch-tokens", 256)
+    pretrain(cfg(*common, "--train.micro_batch", "auto"), data, tmp_path / "auto", progress=False)
+    pretrain(cfg(*common, "--train.micro_batch", 2), data, tmp_path / "two", progress=False)
+    events = [(r["micro_batch"], r["retry_with"]) for r in read_metrics(tmp_path / "auto")
+              if r.get("event") == "out_of_memory"]
+    assert events == [(8, 4), (4, 2)]
+    a, b = ({r["step"]: r["loss"] for r in read_metrics(p) if r["type"] == "train"} for p in (tmp_path / "auto", tmp_path / "two"))
+    assert sorted(a) == [1, 2, 3] and all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+    assert read_state(checkpoints(tmp_path / "auto")[-1])["micro_batch"] == 2
+    with pytest.raises(UserError, match="out of memory with 1 sequences"):
+        monkeypatch.setattr(loop, "train_step", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+        pretrain(cfg(*common, "--train.micro_batch", 1), data, tmp_path / "one", progress=False)

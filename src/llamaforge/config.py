@@ -41,7 +41,8 @@ ModelConfig.__doc__ = "The `model:` section: LlamaForgeConfig's own field names 
 class TrainConfig:
     seq_len: int = 256
     batch_tokens: int = 16384  # tokens per optimizer step (all ranks, all micro-batches)
-    micro_batch: Optional[int] = None  # sequences per forward pass on one rank; None: derived (micro_batch_for)
+    micro_batch: Optional[str] = None  # sequences per forward on one rank: N | auto (the largest that fits:
+    # out-of-memory halves it, train/step.py) | null (derived: micro_batch_for)
     max_steps: int = 300
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest: train/optim.py)
     lr: float = 3e-3  # AdamW's peak LR (with muon: for embeddings, head, norms)
@@ -148,11 +149,14 @@ MICRO_TOKENS = 8192  # the derived micro-batch holds at most this many tokens (a
 
 
 def micro_batch_for(t: TrainConfig, world: int = 1) -> int:
-    """train.micro_batch, or when not given the largest number of sequences that divides one
-    process's share of the step and holds at most MICRO_TOKENS tokens (at least 1)."""
-    if t.micro_batch is not None:
-        return t.micro_batch
+    """train.micro_batch; `auto`: one process's whole share of the step (halved on out-of-memory while
+    training); when not given, the largest number of sequences that divides one process's share of
+    the step and holds at most MICRO_TOKENS tokens (at least 1)."""
     per_rank = max(1, t.batch_tokens // (t.seq_len * world))
+    if t.micro_batch == "auto":
+        return per_rank
+    if t.micro_batch is not None:
+        return int(t.micro_batch)
     cap = max(1, MICRO_TOKENS // t.seq_len)
     return max(m for m in range(1, min(per_rank, cap) + 1) if per_rank % m == 0)
 
@@ -189,8 +193,15 @@ def check_range(label: str, value, low: float, high: float, closed: bool = True)
 
 def validate_train(t: TrainConfig) -> None:
     """Numbers that cannot run are refused here, before any work (not as a ZeroDivisionError later)."""
+    if t.micro_batch is not None and str(t.micro_batch).strip().lower() == "auto":
+        t.micro_batch = "auto"
+    elif t.micro_batch is not None:
+        try:
+            t.micro_batch = int(str(t.micro_batch))
+        except ValueError:
+            raise UserError(f"train.micro_batch is {t.micro_batch!r}; give a number of sequences, auto, or null") from None
     for name, (low, high, closed) in RANGES.items():
-        if getattr(t, name) is not None:  # micro_batch None: derived
+        if getattr(t, name) not in (None, "auto"):  # micro_batch None: derived; auto: found while training
             check_range(f"train.{name}", getattr(t, name), low, high, closed)
     if 0 < t.spike_factor < 1.5:
         raise UserError(f"train.spike_factor is {t.spike_factor}; use 0 (off) or at least 1.5 (a spike is above it x "

@@ -23,6 +23,15 @@ from pathlib import Path
 from .errors import UserError
 
 
+def check_path(path: Path) -> None:
+    """A destination whose name is not valid UTF-8 (bytes a file manager or an archive left) cannot be
+    written into JSON, YAML or the tokenizer's files: refused before any work, not after it."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{os.fsencode(path)!r} is not a valid UTF-8 path; rename it or pass another --out") from None
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -46,6 +55,7 @@ def fsync_tree(folder: Path) -> None:
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync, then rename over it."""
     path = Path(path)
+    check_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -126,6 +136,7 @@ def atomic_folder(out: str | Path, ours: Callable[[Path], bool] | None = None, w
     place). On an exception the temporary folder is removed and `out` is untouched. With `ours`, an
     existing `out` that llamaforge did not write is refused before anything is written."""
     out = Path(out)
+    check_path(out)
     if out.parent.exists():
         recover(out)  # a replacement killed between its renames: the old folder first, then the checks
     if ours is not None:

@@ -26,7 +26,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import UserError
-from .fsutil import atomic_write_bytes, recover
+from .fsutil import atomic_write_bytes, check_path, recover
 
 CONFIG, METRICS, TOKENIZER, CHECKPOINTS, FINAL, POSITIONS, STATE, LOCK = (
     "config.yaml", "metrics.jsonl", "tokenizer", "checkpoints", "final", "positions.json", "state.json", ".lock")
@@ -68,6 +68,7 @@ def is_run_dir(path: Path) -> bool:
 def check_run_dir(path: Path) -> None:
     """Refuse, before anything is written, an --out that holds files of someone else's."""
     path = Path(path)
+    check_path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} is a file, not a run directory; it was left untouched: pass another --out")
     if path.is_dir() and any(path.iterdir()) and not is_run_dir(path):

@@ -70,8 +70,8 @@ class Health:
 
 
 class Divergence:
-    """The Trainer's part that handles a bad step (a mixin: it uses the Trainer's health, metrics,
-    batches, optimizer, scheduler and restore)."""
+    """The Trainer's part that handles a bad step or an out-of-memory step (a mixin: it uses the
+    Trainer's health, metrics, batches, optimizer, scheduler and restore)."""
 
     def bad_step(self, why: str, stats) -> bool:
         """A non-finite step (its update skipped) or a loss spike; after max_bad_steps in a row: divergence."""
@@ -107,3 +107,9 @@ class Divergence:
                          lr_scale=self.lr_scale, rollbacks=self.rollbacks)
         log.warning("diverged at step %d: rolled back to %s with every learning rate x %g", failed_at, path.name,
                     self.lr_scale)
+
+    def out_of_memory(self, micro: int, smaller: int) -> None:
+        """A step ran out of memory: it is redone in smaller micro-batches (train/step.fitting_step)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        log.warning("step %d: out of memory with micro-batch %d; the step again with %d", self.step + 1, micro, smaller)
+        self.metrics.log("event", self.step + 1, event="out_of_memory", micro_batch=micro, retry_with=smaller)

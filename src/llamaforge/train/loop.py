@@ -42,7 +42,7 @@ from .optim import build_optimizer, build_scheduler, decay_start
 from .preempt import SIGNALS, Abandoned, StopFlag, Stopped, abandon_on_stop
 from .precision import choose as choose_precision
 from .precision import tf32_matmuls
-from .step import split_micro, train_step
+from .step import fitting_step, train_step
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +172,8 @@ class Trainer(Divergence):
         self.batches.load_state_dict(state["loader"])
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.health.load_state_dict(state.get("health", {}))
+        if self.t.micro_batch == "auto" and isinstance(state.get("micro_batch"), int):
+            self.micro_batch = state["micro_batch"]  # what fitted before
         self.saved_step = self.step if usable.parent.parent == self.run_dir else None
 
     def apply_schedule(self, state: dict) -> None:
@@ -252,9 +254,10 @@ class Trainer(Divergence):
         t = self.t
         start = time.perf_counter()  # the batch's loading counts (a slow filesystem shows in tokens/s)
         batch = self.batches.next_batch()  # read ahead during the previous step; the wait counts
-        stats = train_step(self.wrapped, self.optimizer, split_micro(batch, self.micro_batch), t.grad_clip,
-                           self.d.device, self.d.all_reduce if self.d.world > 1 else None, self.d.world,
-                           self.precision, self.scaler)
+        stats, self.micro_batch = fitting_step(
+            lambda micro: train_step(self.wrapped, self.optimizer, micro, t.grad_clip, self.d.device,
+                                     self.d.all_reduce if self.d.world > 1 else None, self.d.world, self.precision,
+                                     self.scaler), batch, self.micro_batch, self.d.world, self.out_of_memory)
         lrs = {"lr": self.optimizer.param_groups[-1]["lr"]}  # the LR this step used (AdamW's; Muon's apart)
         if t.optimizer == "muon":
             lrs["muon_lr"] = self.optimizer.param_groups[0]["lr"]
@@ -333,7 +336,8 @@ class Trainer(Divergence):
                "tokens_seen": self.tokens_seen, "model_config": self.model.config.to_dict(),
                "records": self.record.to_dict(), "precision": self.precision.name, "optimizer": self.t.optimizer,
                "world": self.d.world, "fsdp": self.sharded, "train": asdict(self.t), "healthy": self.health.healthy,
-               "health": self.health.state_dict(), "lr_scale": self.lr_scale, "rollbacks": self.rollbacks}
+               "health": self.health.state_dict(), "lr_scale": self.lr_scale, "rollbacks": self.rollbacks,
+               "micro_batch": self.micro_batch}
         if self.scaler is not None:
             out["scaler"] = self.scaler.state_dict()
         return out

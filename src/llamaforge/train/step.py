@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from ..model.adapter import causal_loss
 from .distributed import grad_sync
 from .precision import Precision
@@ -25,6 +26,32 @@ def split_micro(batch: tuple[torch.Tensor, torch.Tensor], micro: int) -> list[tu
     """(inputs, targets) -> micro-batches of at most `micro` rows."""
     x, y = batch
     return [(x[i : i + micro], y[i : i + micro]) for i in range(0, len(x), micro)]
+
+
+def smaller_micro(rows: int, micro: int) -> int | None:
+    """The largest micro-batch at most half of `micro` that divides `rows` (None below 1)."""
+    return next((m for m in range(micro // 2, 0, -1) if rows % m == 0), None)
+
+
+def fitting_step(run, batch: tuple[torch.Tensor, torch.Tensor], micro: int, world: int, on_smaller):
+    """`run(micro_batches)` (a train_step); on out-of-memory the same batch again in micro-batches
+    half the size (the same batch_tokens, so the same update), `on_smaller(old, new)` told each time.
+    Returns (stats, the micro-batch that fitted). Several processes cannot agree mid-step: refused."""
+    while True:
+        try:
+            return run(split_micro(batch, micro)), micro
+        except torch.OutOfMemoryError:
+            smaller = smaller_micro(len(batch[0]), micro)
+            if world > 1 or smaller is None:
+                raise UserError(f"out of memory with {micro} sequences per forward pass "
+                                f"({'under several processes' if world > 1 else 'the smallest possible'}); "
+                                + (f"set --train.micro_batch {smaller} and run the same command (it resumes)"
+                                   if smaller else "lower train.seq_len, turn on train.activation_checkpointing "
+                                   "or train.fsdp")) from None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            on_smaller(micro, smaller)
+            micro = smaller
 
 
 def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=None, all_reduce=None,
