@@ -186,3 +186,10 @@ def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(data, tmp_path
     with pytest.raises(UserError, match="out of memory with 1 sequences"):
         monkeypatch.setattr(loop, "train_step", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
         pretrain(cfg(*common, "--train.micro_batch", 1), data, tmp_path / "one", progress=False)
+
+
+def test_a_run_with_no_finite_step_publishes_nothing(data, tmp_path, monkeypatch):
+    diverging(monkeypatch, {1, 2, 3})  # every step non-finite, fewer than max_bad_steps
+    with pytest.raises(UserError, match="none of the 3 steps had a finite loss"):
+        pretrain(cfg("--max-steps", 3, "--train.max_bad_steps", 5), data, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r" / "final").exists()

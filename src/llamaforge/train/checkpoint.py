@@ -100,9 +100,11 @@ def newest_healthy(run_dir: Path) -> Path | None:
 
 
 # train settings a resumed run must share with its checkpoint (else it is not the same run); the
-# others (max_steps, lr, muon_lr, min_lr_ratio, intervals, precision, wrapper...) may change on resume
-LOCKED = ("seq_len", "batch_tokens", "optimizer", "schedule", "warmup_steps", "decay_fraction", "decay_shape",
-          "weight_decay", "beta1", "beta2", "grad_clip", "muon_momentum", "muon_weight_decay", "seed")
+# others may change on resume: the peak LRs and the schedule's end (max_steps, min_lr_ratio, WSD's
+# decay_fraction and decay_shape: a longer WSD run continues from its decay start), intervals,
+# precision, the wrapper and the process count
+LOCKED = ("seq_len", "batch_tokens", "optimizer", "schedule", "warmup_steps", "weight_decay", "beta1", "beta2",
+          "grad_clip", "muon_momentum", "muon_weight_decay", "seed")
 
 
 def check_resume_changes(path: Path, t) -> None:

@@ -36,6 +36,7 @@ class Health:
         self.spike_factor, self.max_bad_steps = spike_factor, max_bad_steps
         self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self.streak = 0
+        self.good = 0  # good steps of the run so far: a run with none publishes nothing
 
     def observe(self, loss: float, skipped: bool) -> str | None:
         """'non-finite', 'spike' or None (a good step) for one step's loss."""
@@ -46,7 +47,7 @@ class Health:
         if bad:
             self.streak += 1
         else:
-            self.streak = 0
+            self.streak, self.good = 0, self.good + 1
             self.recent.append(loss)
         return bad
 
@@ -62,11 +63,12 @@ class Health:
         return self.spike_factor * statistics.median(self.recent) if len(self.recent) == SPIKE_WINDOW else None
 
     def state_dict(self) -> dict:
-        return {"recent": list(self.recent), "streak": self.streak}
+        return {"recent": list(self.recent), "streak": self.streak, "good": self.good}
 
     def load_state_dict(self, state: dict) -> None:
         self.recent = deque((float(x) for x in state.get("recent", [])), maxlen=SPIKE_WINDOW)
         self.streak = int(state.get("streak", 0))
+        self.good = int(state.get("good", len(self.recent) or 1))  # earlier checkpoints: they trained
 
 
 class Divergence:

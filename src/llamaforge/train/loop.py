@@ -383,6 +383,9 @@ class Trainer(Divergence):
         self.d.barrier()
         if stopped:  # the CLI says it in one line, exit 75
             raise Stopped(self.step, stopped)
+        if self.health.good == 0:  # every step was skipped: the weights are the untrained ones
+            raise UserError(f"none of the {self.step} steps had a finite loss and gradient, so nothing was trained "
+                            "and nothing is published; lower --lr, raise warmup_steps or check the data")
         model = self.model
         if full is not None:  # FSDP: hand back an unsharded copy, on the main rank
             model = None
