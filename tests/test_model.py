@@ -195,6 +195,28 @@ def test_compiled_loss_chunks_give_the_eager_loss_and_gradients(autocast):
     assert out[1][1].abs().sum() > 0 and out[1][2].abs().sum() > 0
 
 
+def test_the_compiled_loss_chunk_is_one_graph_for_every_remainder():
+    """SFT's padded widths give a new last-chunk length each step: padded to the chunk size with
+    ignored rows, every length reuses one graph (dynamo's counters), with the eager loss."""
+    from torch._dynamo.utils import counters
+
+    from llamaforge.model.hf import modeling_llamaforge as mf
+
+    _needs_inductor()
+    torch._dynamo.reset()
+    mf._COMPILED_CHUNK.clear()
+    counters.clear()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(300, 32, generator=g) * 0.1
+    for rows in (70, 75, 81, 90):  # chunk 64: remainders 6, 11, 17, 26
+        h, t = torch.randn(1, rows, 32, generator=g), torch.randint(0, 300, (1, rows), generator=g)
+        with torch.no_grad():
+            got = mf.linear_cross_entropy(h, w, t, chunk=64, compiled=True)
+            want = mf.linear_cross_entropy(h, w, t, chunk=64, compiled=False)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
 def test_a_whole_compiled_model_trains_with_the_eager_gradients(small_model, ids):
     """Regression for the CUDA failure (torch.compile turned the fused loss's gradients into zeros):
     the whole model under torch.compile, its fused loss eager or with compiled chunks, gives eager's

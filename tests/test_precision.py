@@ -129,3 +129,27 @@ def test_the_inductor_probe_reports_a_broken_compiler(monkeypatch):
     monkeypatch.setattr(compiling, "_PROBED", {})
     monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no C++ compiler\nmore")))
     assert compiling.inductor_problem(torch.device("cpu")) == "RuntimeError: no C++ compiler"
+
+
+def test_a_scaler_skipped_fp16_update_is_reported_and_fsdp_gathers_in_the_autocast_dtype(small_model):
+    """An overflowing fp16 step: GradScaler skips the update, train_step says so (the loop logs a
+    `scaler_skip` event, the report counts them); FSDP2 gathers weights in fp16 under fp16 autocast."""
+    from llamaforge.train.distributed import fsdp_param_dtype
+    from llamaforge.train.precision import Precision
+    from llamaforge.train.step import train_step
+
+    model = small_model().train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+    x = torch.randint(0, 512, (2, 16))
+    before = [p.detach().clone() for p in model.parameters()]
+    first = next(model.parameters())
+    handle = first.register_hook(lambda g: torch.full_like(g, float("inf")))  # an overflow in one gradient
+    stats = train_step(model, opt, [(x, x)], scaler=scaler)
+    handle.remove()
+    assert stats.scaler_skipped and not stats.skipped and scaler.get_scale() == 2.0**15
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # no update
+    assert not train_step(model, opt, [(x, x)], scaler=scaler).scaler_skipped
+    assert fsdp_param_dtype(Precision("fp16", "cuda", "")) == torch.float16
+    assert fsdp_param_dtype(Precision("bf16", "cuda", "")) == torch.bfloat16
+    assert fsdp_param_dtype(Precision("fp32", "cuda", "")) is None

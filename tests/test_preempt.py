@@ -21,7 +21,7 @@ from llamaforge.config import load_config, parse_duration
 from llamaforge.data.loader import PretrainBatches
 from llamaforge.errors import UserError
 from llamaforge.runs import checkpoints, read_metrics
-from llamaforge.train import loop, optim
+from llamaforge.train import bench, loop, optim
 from llamaforge.train.preempt import EXIT_STOPPED, StopFlag, Stopped
 from llamaforge.workflows.pretrain import pretrain
 
@@ -96,7 +96,7 @@ def test_signals_inside_steps_stop_at_the_boundary_and_resume_exactly(data, tmp_
     plan = [("train_step", loop, "train_step", 2, signal.SIGTERM),  # during step 2
             ("newton_schulz", optim, "newton_schulz", 7, signal.SIGUSR1),  # 7th matrix of the next step
             ("next_batch", PretrainBatches, "next_batch", 2, signal.SIGINT),
-            ("windowed_loss", loop, "windowed_loss", 1, signal.SIGTERM)]  # inside an evaluation
+            ("windowed_loss", bench, "windowed_loss", 1, signal.SIGTERM)]  # inside an evaluation
     run = tmp_path / "run"
     stops = []
     for _, owner, attr, call, sig in plan:
@@ -248,8 +248,9 @@ def test_a_signal_during_benchmark_scoring_abandons_it_and_saves_at_once(data, t
                 model(input_ids=ids)
         return {}
 
-    monkeypatch.setattr(loop, "score_tasks", long_scoring)
-    monkeypatch.setattr(loop, "task_list", lambda text: ["copa_offline"])
+    monkeypatch.setattr(bench, "score_tasks", long_scoring)
+    monkeypatch.setattr(bench, "task_list", lambda text: ["copa_offline"])
+    monkeypatch.setattr(bench, "include_paths", lambda tasks: [])
     monkeypatch.setattr(loop, "check_runnable", lambda *a, **k: None)
     run = tmp_path / "run"
     with pytest.raises(Stopped) as stopped:

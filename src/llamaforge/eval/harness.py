@@ -83,9 +83,13 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | lis
               add_bos_token=bool(tokenizer("a").input_ids[:1] == [tokenizer.bos_token_id]))  # as in training
     manager = task_manager(tasks, include_path)
     benches = [t for t in tasks if t in BENCHES]
-    with torch.no_grad(), autocast():
-        results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
-                                          log_samples=log_samples or irt_params is not None or bool(benches))
+    cache, model.config.use_cache = model.config.use_cache, False  # lm-eval's scoring forwards: no KV cache
+    try:  # built and thrown away on every call (generate still asks for one through its generation_config)
+        with torch.no_grad(), autocast():
+            results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
+                                              log_samples=log_samples or irt_params is not None or bool(benches))
+    finally:
+        model.config.use_cache = cache
     out = {}
     for task in tasks:
         r = results["results"][task]

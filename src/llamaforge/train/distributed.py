@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -50,8 +51,14 @@ class Dist:
         return box[0]
 
 
+# How long a collective may wait: rank 0 alone scores the benchmarks (train.eval_tasks) while the
+# others wait in a barrier, minutes at llama-150m; NCCL's default of 10 minutes would kill the run.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+
+
 def setup(device: str | None = None) -> Dist:
-    """Join torchrun's process group if there is one; pick the device (`cuda:LOCAL_RANK` or cpu)."""
+    """Join torchrun's process group if there is one (PROCESS_GROUP_TIMEOUT); pick the device
+    (`cuda:LOCAL_RANK` or cpu)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
@@ -60,7 +67,7 @@ def setup(device: str | None = None) -> Dist:
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=PROCESS_GROUP_TIMEOUT)
     return Dist(rank, world, local, dev)
 
 
@@ -71,9 +78,15 @@ def compile_blocks(model: torch.nn.Module) -> None:
         block.compile()
 
 
+def fsdp_param_dtype(precision) -> torch.dtype | None:
+    """The dtype FSDP2 gathers weights in: autocast's (bf16, or fp16 on T4/V100: half the traffic of
+    fp32, which autocast would recast anyway); None (fp32) without autocast."""
+    return precision.dtype if precision.name in ("bf16", "fp16") else None
+
+
 def wrap(model: torch.nn.Module, d: Dist, fsdp: bool = False, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """DDP, or FSDP2 with `param_dtype` (e.g. bf16) for the gathered weights the blocks compute
-    with, gradients reduced in fp32, and fp32 shards kept for the optimizer."""
+    """DDP, or FSDP2 with `param_dtype` (bf16, or fp16 on T4/V100) for the gathered weights the blocks
+    compute with, gradients reduced in fp32, and fp32 shards kept for the optimizer."""
     if d.world == 1:
         return model
     if fsdp:

@@ -12,9 +12,7 @@ RUN_DIR/final is the workflows' job.
 
 from __future__ import annotations
 
-import itertools
 import logging
-import math
 import pickle
 import time
 from dataclasses import asdict, dataclass
@@ -27,21 +25,19 @@ from tqdm.auto import tqdm
 from ..config import RunConfig, micro_batch_for, parse_duration, save_config
 from ..data.loader import Prefetched
 from ..errors import UserError
-from ..eval.loss import windowed_loss
 from ..model.adapter import enable_activation_checkpointing, is_builtin
 from ..model.io import nonfinite_parameters
 from ..runs import RunRecord, config_path, copy_metrics, describe_recipe, metrics_path, tokenizer_dir
 from . import checkpoint as ckpt
-from .bench import sample_text, score_tasks
-from .checks import check_runnable, task_list
+from .bench import InLoopEvaluation, prepare_tasks
+from .checks import check_runnable
 from .compiling import choose as choose_compile
-from .distributed import Dist, compile_blocks, setup, teardown, unwrap, wrap
+from .distributed import Dist, compile_blocks, fsdp_param_dtype, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, train_flops_per_token
 from .divergence import Divergence, Health
 from .optim import build_optimizer, build_scheduler, decay_start
-from .preempt import SIGNALS, Abandoned, StopFlag, Stopped, abandon_on_stop
+from .preempt import SIGNALS, StopFlag, Stopped
 from .precision import choose as choose_precision
-from .precision import tf32_matmuls
 from .step import fitting_step, train_step
 
 log = logging.getLogger(__name__)
@@ -86,7 +82,7 @@ def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path
         teardown()
 
 
-class Trainer(Divergence):
+class Trainer(Divergence, InLoopEvaluation):
     """One run: checks and set-up in __init__ (refusals before anything is written), then `run`."""
 
     def __init__(self, cfg, model, tokenizer, batches_factory, run_dir: Path, resume, progress, d: Dist,
@@ -96,6 +92,8 @@ class Trainer(Divergence):
         self.model, self.progress = model, progress
         check_runnable(cfg, model.config, d.world)
         usable, continued, rejected = ckpt.choose(self.t, run_dir, d, resume)
+        if d.main:  # the benchmarks' task files, before training (not in the first scoring, others waiting)
+            prepare_tasks(self.t.eval_tasks)
         if usable is not None:  # the same code (a user's model: its sha256) and the settings exact resume needs
             ckpt.check_code(usable, record.code, self.t.allow_code_change)
             ckpt.check_resume_changes(usable, self.t)
@@ -143,7 +141,7 @@ class Trainer(Divergence):
         if is_builtin(self.model):  # a user's model computes its logits; the loss is the adapter's
             self.model.compiled_loss = self.compiled.loss
         self.sharded = t.fsdp and d.world > 1
-        self.wrapped = wrap(self.model, d, t.fsdp, self.precision.dtype if self.precision.name == "bf16" else None)
+        self.wrapped = wrap(self.model, d, t.fsdp, fsdp_param_dtype(self.precision))
         self.eval_model = unwrap(self.wrapped)
         # FSDP2 replaces parameters: the optimizer is built after wrapping
         self.optimizer = build_optimizer(self.wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), d.device, t.optimizer,
@@ -264,6 +262,9 @@ class Trainer(Divergence):
         self.scheduler.step()
         self.step += 1
         seconds = time.perf_counter() - start
+        if stats.scaler_skipped:  # fp16: an update lost to overflow, counted in the report
+            self.metrics.log("event", self.step, event="scaler_skip", grad_norm=stats.grad_norm,
+                             scale=self.scaler.get_scale())
         bad = self.health.observe(stats.loss, stats.skipped)
         if bad and (self.bad_step(bad, stats) or stats.skipped):
             return  # rolled back, or no update was made
@@ -280,55 +281,6 @@ class Trainer(Divergence):
         every = t.eval_tasks_every or t.eval_every
         if t.eval_tasks and every and (self.step % every == 0 or self.step == t.max_steps):
             self.score_tasks()
-
-    def evaluate(self) -> None:
-        """Validation loss and bits per byte (windows split over DDP ranks), and the sample: eager even
-        when the blocks are compiled (no-grad forwards and the growing KV cache would each need graphs
-        of their own, past dynamo's recompile limit), TF32 matmuls for fp32 on CUDA."""
-        with torch.compiler.set_stance("force_eager"), tf32_matmuls(self.d.device, self.precision.name == "fp32"), \
-                abandon_on_stop(self.eval_model, self.flag, not self.sharded):
-            self.validate_and_sample()
-
-    def validate_and_sample(self) -> None:
-        d, sharded = self.d, self.sharded
-        eval_batches = self.batches.eval_batches()
-        if d.world > 1 and not sharded:  # each rank scores its share of the windows; FSDP needs every rank
-            eval_batches = itertools.islice(eval_batches, d.rank, None, d.world)  # in every forward
-        try:
-            s = windowed_loss(self.eval_model, eval_batches, d.device, autocast=self.precision.autocast)
-            total, count, gone = s.total, float(s.count), 0.0
-        except Abandoned:  # a stop arrived: the checkpoint first (the ranks still meet in the all-reduce)
-            total, count, gone = 0.0, 0.0, 1.0
-        sums = torch.tensor([total, count, gone], dtype=torch.float64, device=d.device)
-        if d.world > 1 and not sharded:
-            d.all_reduce(sums)
-        if sums[2] > 0:
-            self.metrics.log("event", self.step, event="abandoned", work="validation")
-            return
-        loss, n = float(sums[0] / max(sums[1], 1)), int(sums[1])
-        values = {"val_loss": loss, "val_tokens": n}
-        if self.batches.bytes_per_token:
-            values["val_bpb"] = loss / math.log(2) / self.batches.bytes_per_token
-        self.metrics.log("eval", self.step, **values)
-        if self.t.sample_prompt:
-            try:
-                text = sample_text(self.eval_model, self.tokenizer, self.t.sample_prompt, d.device, synced=sharded)
-            except Abandoned:
-                return self.metrics.log("event", self.step, event="abandoned", work="sample")
-            self.metrics.log("sample", self.step, prompt=self.t.sample_prompt, text=text)
-
-    def score_tasks(self) -> None:
-        """train.eval_tasks through lm-eval: on the main rank (DDP; the others wait), on every rank
-        under FSDP (each forward gathers the weights); one `bench` row."""
-        if self.d.main or self.sharded:
-            try:
-                with abandon_on_stop(self.eval_model, self.flag, not self.sharded):
-                    row = score_tasks(self.eval_model, self.tokenizer, task_list(self.t.eval_tasks),
-                                      self.t.eval_tasks_limit, self.precision.autocast, self.micro_batch)
-                self.metrics.log("bench", self.step, tokens_seen=self.tokens_seen, **row)
-            except Abandoned:  # a stop arrived mid-scoring: the checkpoint first
-                self.metrics.log("event", self.step, event="abandoned", work="benchmarks")
-        self.d.barrier()
 
     def state_dict(self) -> dict:
         """state.json's content (checkpoint.py adds the step)."""

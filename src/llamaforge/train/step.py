@@ -20,6 +20,7 @@ class StepStats:
     grad_norm: float  # before clipping
     tokens: int  # target tokens in the step (all ranks)
     skipped: bool  # non-finite loss or gradient: no update
+    scaler_skipped: bool = False  # fp16: the loss scaler found inf/NaN gradients and skipped this update
 
 
 def split_micro(batch: tuple[torch.Tensor, torch.Tensor], micro: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -83,13 +84,16 @@ def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=N
     if scaler is not None:
         scaler.unscale_(optimizer)  # clip the true gradients
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler_skipped = False
     if scaler is not None:  # an overflow lowers the scale and skips the update: expected, not a bad step
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        scaler_skipped = scaler.get_scale() < scale  # update() lowers the scale exactly when it skipped
         finite = bool(torch.isfinite(loss_sum))
     else:
         finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(float(loss_sum), float(grad_norm), int(n_total), not finite)
+    return StepStats(float(loss_sum), float(grad_norm), int(n_total), not finite, scaler_skipped)

@@ -211,6 +211,13 @@ def _write(runs: list[Path], results: list, out: Path) -> None:
     md.append(_table(["run", "steps", "tokens", "train loss (last 10 steps)", "val loss", "val bits/byte",
                       "minutes", "params (non-emb / total)"], rows))
     md += [""] + [f"- {r.name}: {hardware(r)}; {recipe(r)}" for r in runs]
+    for r in runs:  # what the summary's losses do not show: updates lost or redone
+        events = [x.get("event") for x in recs[r.name] if x["type"] == "event"]
+        counts = {k: events.count(k) for k in ("scaler_skip", "skipped_step", "loss_spike", "rollback", "out_of_memory")}
+        if any(counts.values()):
+            md.append(f"- {r.name}: " + ", ".join(f"{v} {k.replace('_', ' ')} event{'s' * (v != 1)}"
+                                                  for k, v in counts.items() if v)
+                      + " (scaler skip: an fp16 update lost to overflow; see metrics.jsonl)")
     for r in runs:
         pos_path = positions_path(r)
         if pos_path.exists():

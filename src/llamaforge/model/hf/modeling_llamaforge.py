@@ -353,10 +353,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if compiled and torch.is_autocast_enabled(h.device.type):  # one cast of the head, not one per chunk
             weight = weight.to(torch.get_autocast_dtype(h.device.type))
         for s in range(0, h.shape[0], chunk):
-            loss_c, gh, gw = one(h[s : s + chunk], weight, targets[s : s + chunk], need_grad)
+            hc, tc = h[s : s + chunk], targets[s : s + chunk]
+            n = hc.shape[0]
+            if compiled and n < chunk:  # the last chunk padded with ignored rows: one graph for every length
+                hc = torch.cat([hc, hc.new_zeros(chunk - n, hc.shape[1])])
+                tc = torch.cat([tc, tc.new_full((chunk - n,), -100)])
+            loss_c, gh, gw = one(hc, weight, tc, need_grad)
             loss += loss_c
             if need_grad:
-                grad_h[s : s + chunk] = gh
+                grad_h[s : s + chunk] = gh[:n]
                 grad_w += gw
         ctx.save_for_backward(grad_h, grad_w)
         return loss
