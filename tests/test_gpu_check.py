@@ -9,7 +9,8 @@ import pytest
 
 import torch
 
-from benchmarks.gpu_check import distributed_checks, main, plan
+from benchmarks.gpu_check import distributed_checks, main
+from benchmarks.gpu_plan import agree, check_attention, estimate_seconds, plan
 from helpers import micro, stories_data
 from llamaforge.runs import read_metrics
 
@@ -26,6 +27,8 @@ def test_distributed_checks_pass_on_gloo(tmp_path):
     distributed_checks(str(tmp_path / "d"), tmp_path / "runs", 12, over, fail, tolerance=1e-4, preset="tiny",
                        env={"OMP_NUM_THREADS": "1"})
     assert fail == []
+    started = [r for r in read_metrics(tmp_path / "runs" / "ddp") if r.get("event") == "started"][0]
+    assert "Muon" in started["recipe"] and started["world"] == 2  # the preset's recipe under DDP
     killed = [r for r in read_metrics(tmp_path / "runs" / "ddp-killed") if r.get("event") == "resumed"]
     assert killed and killed[0]["checkpoint"] in ("step_4", "step_8")  # killed mid-run, then resumed
 
@@ -81,3 +84,40 @@ def test_the_time_split_and_the_loss_kernel_check_run_on_any_device(tmp_path):
     if len(modes) > 1:
         c = compare_loss_kernels(cpu, torch.float32, rows=256, dim=32, vocab=500)
         assert max(c["loss_rel"], c["grad_h_rel"], c["grad_w_rel"]) < 1e-4 and c["grad_h_norm"] > 0 and c["grad_w_norm"] > 0
+
+
+CARDS = [  # name, compute capability, memory, spec TFLOP/s in the dtype auto picks
+    ("T4", (7, 5), 15.8 * GB, 65), ("V100", (7, 0), 34.1 * GB, 125), ("A10", (8, 6), 24.1 * GB, 125),
+    ("L4", (8, 9), 23.8 * GB, 121), ("A100 40GB", (8, 0), 42.4 * GB, 312), ("A100 80GB", (8, 0), 85.1 * GB, 312),
+    ("H100", (9, 0), 85.0 * GB, 989), ("H200", (9, 0), 150.0 * GB, 989)]
+
+
+@pytest.mark.parametrize("card, capability, memory, tflops", CARDS)
+def test_the_plan_and_its_duration_estimate_per_card(card, capability, memory, tflops):
+    """The kernel the model's attention must get, the micro-batch and the estimate printed first: on
+    an H100/H200 the whole check within 8 minutes and --quick within 4 (estimates from its figures)."""
+    full, quick = plan(capability, int(memory), tflops=tflops), plan(capability, int(memory), quick=True, tflops=tflops)
+    assert full.kernel == ("FLASH_ATTENTION" if capability >= (8, 0) else "EFFICIENT_ATTENTION")
+    assert [r[0] for r in quick.runs] == ["eager", "compile"]
+    long, short = estimate_seconds(full, 50, 1), estimate_seconds(quick, 20, 1, quick=True)
+    assert short < long
+    if card in ("H100", "H200"):
+        assert long < 8 * 60 and short < 4 * 60, (long, short)
+    assert estimate_seconds(full, 50, 2) > long  # the multi-GPU part adds its runs
+
+
+def test_tolerances_that_a_head_that_does_not_learn_cannot_pass():
+    import math
+
+    learning = [10 - 3.5 * (1 - math.exp(-s / 15)) for s in range(50)]
+    noisy = [x + 0.08 * (-1) ** s for s, x in enumerate(learning)]
+    stuck_head = [x + min(1.0, s / 25) for s, x in enumerate(learning)]  # the blocks learn, the head lags
+    assert agree(learning, noisy)[0]
+    ok, figures = agree(learning, stuck_head)
+    assert not ok and figures["last_mean_diff"] > 0.5
+    assert not agree(learning, learning[:-1])[0]
+
+
+def test_the_attention_check_runs_the_models_own_attention_causal_and_padded():
+    """On the CPU through the math kernel (the same calls gpu-check restricts to the card's kernel)."""
+    assert check_attention(plan((9, 0), int(80 * GB)), device="cpu") == []

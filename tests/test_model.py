@@ -235,3 +235,31 @@ def test_a_whole_compiled_model_trains_with_the_eager_gradients(small_model, ids
         for (k, p), q in zip(m.named_parameters(), ref.parameters()):
             assert p.grad is not None and p.grad.abs().sum() > 0, k
             torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("card, capability, dtype, masked, native", [
+    ("T4", (7, 5), torch.float16, False, False), ("V100", (7, 0), torch.float16, False, False),
+    ("A10", (8, 6), torch.bfloat16, False, True), ("L4", (8, 9), torch.bfloat16, False, True),
+    ("A100", (8, 0), torch.bfloat16, False, True), ("H100", (9, 0), torch.bfloat16, False, True),
+    ("H200", (9, 0), torch.float16, False, True), ("H100 padded", (9, 0), torch.bfloat16, True, False),
+    ("H100 fp32", (9, 0), torch.float32, False, False),
+])
+def test_gqa_runs_natively_only_where_the_flash_kernel_takes_it(card, capability, dtype, masked, native):
+    from llamaforge.model.hf.modeling_llamaforge import gqa_flash
+
+    assert gqa_flash(capability, dtype, masked) is native
+
+
+def test_expanded_kv_gives_the_native_gqa_logits(small_model, ids, monkeypatch):
+    """The path T4/V100 and padded batches take (K/V expanded to every head) computes the same model."""
+    from llamaforge.model.hf import modeling_llamaforge as mf
+
+    model = small_model(num_attention_heads=4, num_key_value_heads=2)
+    mask = torch.ones_like(ids[:, :64])
+    mask[1, :5] = 0
+    with torch.no_grad():
+        native = [model(ids[:, :64]).logits, model(ids[:, :64], attention_mask=mask).logits]
+        monkeypatch.setattr(mf, "native_gqa", lambda q, m: False)
+        expanded = [model(ids[:, :64]).logits, model(ids[:, :64], attention_mask=mask).logits]
+    for a, b in zip(native, expanded):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -80,6 +80,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (x * cos + torch.cat((-x2, x1), dim=-1) * sin).to(x.dtype)
 
 
+def native_gqa(q: torch.Tensor, mask) -> bool:
+    """Whether SDPA's `enable_gqa` keeps this call on a fused kernel. On CUDA only the flash kernel
+    runs GQA (the memory-efficient one does not: the math kernel would materialize every score), and
+    flash needs compute capability 8.0, fp16/bf16 and no explicit mask (left padding); elsewhere K/V
+    are expanded to every head. CPUs run GQA as before."""
+    return not q.is_cuda or gqa_flash(_capability(q.device), q.dtype, mask is not None)
+
+
+def gqa_flash(capability: tuple[int, int], dtype: torch.dtype, masked: bool) -> bool:
+    """The flash kernel's conditions (a pure function: tests drive it with T4 ... H200 properties)."""
+    return capability >= (8, 0) and dtype in (torch.float16, torch.bfloat16) and not masked
+
+
+_CAPABILITY: dict = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    if device not in _CAPABILITY:
+        _CAPABILITY[device] = torch.cuda.get_device_capability(device)
+    return _CAPABILITY[device]
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaForgeConfig, layer_idx: int):
         super().__init__()
@@ -104,6 +126,10 @@ class Attention(nn.Module):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)  # (B, n_kv_head, T_past + T, head_dim)
         gqa = self.n_kv_head != self.n_head
+        if gqa and not native_gqa(q, mask):  # K/V expanded: the fused kernel instead of the math one
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # (B, n_head, T_kv, head_dim)
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+            gqa = False
         if mask is None:  # whole causal block, no padding: the flash / efficient kernels apply
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
