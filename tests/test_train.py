@@ -157,6 +157,35 @@ def test_train_step_skips_update_on_nan(small_model):
         assert torch.equal(v, before[k]) or k == "model.norm.weight"
 
 
+def test_fused_adamw_skips_a_non_finite_step_on_the_device(small_model, monkeypatch):
+    """The skip decision reaches fused AdamW as a device flag (found_inf), set before step() reads it:
+    no update, no step count, and the next finite step updates as usual."""
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.step import takes_found_inf, train_step
+
+    m = small_model().train()
+    opt = build_optimizer(m, lr=0.1)
+    assert takes_found_inf(opt)
+    seen = []
+    real = type(opt).step
+
+    def spy(self, *a, **k):
+        seen.append(getattr(self, "found_inf", None))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(opt), "step", spy)
+    x = torch.randint(0, 512, (2, 17))
+    assert not train_step(m, opt, [(x[:, :-1], x[:, 1:])]).skipped
+    steps = [float(s["step"]) for s in opt.state.values()]
+    with torch.no_grad():
+        m.model.norm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    assert train_step(m, opt, [(x[:, :-1], x[:, 1:])]).skipped
+    assert [float(f) for f in seen] == [0.0, 1.0]  # a tensor flag each time, decided on the device
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items() if k != "model.norm.weight")
+    assert [float(s["step"]) for s in opt.state.values()] == steps  # the skipped step is not counted
+
+
 def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     from llamaforge.config import load_config
     from llamaforge.train import checkpoint

@@ -29,6 +29,13 @@ def split_micro(batch: tuple[torch.Tensor, torch.Tensor], micro: int) -> list[tu
     return [(x[i : i + micro], y[i : i + micro]) for i in range(0, len(x), micro)]
 
 
+def takes_found_inf(optimizer) -> bool:
+    """torch's fused Adam/AdamW read `optimizer.found_inf` (a device flag, as GradScaler sets it) and
+    skip the update on the device; other optimizers do not."""
+    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+        g.get("fused") for g in optimizer.param_groups)
+
+
 def smaller_micro(rows: int, micro: int) -> int | None:
     """The largest micro-batch at most half of `micro` that divides `rows` (None below 1)."""
     return next((m for m in range(micro // 2, 0, -1) if rows % m == 0), None)
@@ -91,7 +98,15 @@ def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=N
         scaler.update()
         scaler_skipped = scaler.get_scale() < scale  # update() lowers the scale exactly when it skipped
         finite = bool(torch.isfinite(loss_sum))
-    else:
+    elif takes_found_inf(optimizer):  # the skip decided on the device: no host sync before the update
+        bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+        optimizer.found_inf = bad  # fused AdamW skips its update and step count where this is 1
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+        finite = not bool(bad)  # read once the step is queued
+    else:  # Muon (its own update loop) or an unfused optimizer: decided on the host
         finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
