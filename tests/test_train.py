@@ -186,6 +186,35 @@ def test_fused_adamw_skips_a_non_finite_step_on_the_device(small_model, monkeypa
     assert [float(s["step"]) for s in opt.state.values()] == steps  # the skipped step is not counted
 
 
+def test_muon_skips_a_non_finite_step_on_the_device_and_matches_bit_for_bit_otherwise(small_model):
+    """Muon + AdamW with the device flag: a finite step gives exactly the host-decided update, a
+    non-finite one changes no weight and no momentum."""
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.step import takes_found_inf, train_step
+
+    x = torch.randint(0, 512, (2, 17))
+    batch = [(x[:, :-1], x[:, 1:])]
+    a, b = small_model(seed=1).train(), small_model(seed=1).train()
+    oa, ob = (build_optimizer(m, lr=0.01, kind="muon", muon_ns_dtype="fp32") for m in (a, b))
+    assert takes_found_inf(oa)
+    for _ in range(2):
+        train_step(a, oa, batch)  # the device flag (0)
+        loss = b(input_ids=batch[0][0], shift_labels=batch[0][1]).loss  # the host path: plain step()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(b.parameters(), 1.0)
+        ob.step()
+        ob.zero_grad(set_to_none=True)
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    with torch.no_grad():
+        a.model.norm.weight[0] = float("nan")
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    momentum = [s["momentum_buffer"].clone() for s in oa.muon.state.values()]
+    assert train_step(a, oa, batch).skipped
+    assert all(torch.equal(v, before[k]) for k, v in a.state_dict().items() if k != "model.norm.weight")
+    assert all(torch.equal(m, s["momentum_buffer"]) for m, s in zip(momentum, oa.muon.state.values()))
+
+
 def test_failed_save_keeps_the_previous_checkpoint(data, tmp_path, monkeypatch):
     from llamaforge.config import load_config
     from llamaforge.train import checkpoint

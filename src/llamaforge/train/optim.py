@@ -83,7 +83,12 @@ class Muon(_TorchMuon):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """`self.found_inf` (a 0-dim device flag, set by train/step.py like GradScaler sets fused
+        AdamW's): 1 skips this update on the device (momentum kept, no decay, update x 0), so the
+        host need not wait for the gradients to decide."""
         rank, world = _rank_world() if self.split else (0, 1)
+        flag = getattr(self, "found_inf", None)
+        ok = None if flag is None else flag == 0
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
@@ -91,23 +96,30 @@ class Muon(_TorchMuon):
             owner = owners([p.shape for p in params], world)
             updates = []
             for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
+                if ok is not None:  # a skipped step leaves the momentum as it was (g may be NaN)
+                    g = torch.where(ok, g, buf)
                 buf.lerp_(g, 1 - mu)
                 update = g.lerp(buf, mu) if group["nesterov"] else buf
                 update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
                                        self.ns_dtype) if owner[i] == rank else None
                 if world == 1:  # applied at once: no matrix of updates is held
-                    _apply(p, update, lr, wd, group["adjust_lr_fn"])
+                    _apply(p, update, lr, wd, group["adjust_lr_fn"], ok)
                 else:
                     updates.append(update)
             if world > 1:
                 updates = all_gather_updates(updates, [p.shape for p in params], owner, rank, world, self.ns_dtype,
                                              params[0].device)
                 for p, update in zip(params, updates):
-                    _apply(p, update, lr, wd, group["adjust_lr_fn"])
+                    _apply(p, update, lr, wd, group["adjust_lr_fn"], ok)
 
 
-def _apply(p, update, lr: float, wd: float, adjust_lr_fn) -> None:
-    p.mul_(1 - lr * wd)
+def _apply(p, update, lr: float, wd: float, adjust_lr_fn, ok: torch.Tensor | None = None) -> None:
+    """Decay and update (`ok` False: neither, decided on the device; True: the same values bit for bit)."""
+    if ok is None:
+        p.mul_(1 - lr * wd)
+    else:
+        p.mul_(torch.where(ok, 1 - lr * wd, 1.0).to(p.dtype))
+        update = update * ok.to(update.dtype)
     p.add_(update, alpha=-_adjust_lr(lr, adjust_lr_fn, p.shape))  # torch's own adjustment
 
 
@@ -197,8 +209,14 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        self.muon.step()
-        self.adamw.step()
+        flag = getattr(self, "found_inf", None)  # the device-side skip (train/step.py), handed to both
+        for opt in (self.muon, self.adamw):
+            if flag is not None:
+                opt.found_inf = flag
+            try:
+                opt.step()
+            finally:
+                opt.__dict__.pop("found_inf", None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.muon.zero_grad(set_to_none)

@@ -11,6 +11,7 @@ import torch
 from ..errors import UserError
 from ..model.adapter import causal_loss
 from .distributed import grad_sync
+from .optim import Muon, MuonWithAdamW
 from .precision import Precision
 
 
@@ -31,9 +32,12 @@ def split_micro(batch: tuple[torch.Tensor, torch.Tensor], micro: int) -> list[tu
 
 def takes_found_inf(optimizer) -> bool:
     """torch's fused Adam/AdamW read `optimizer.found_inf` (a device flag, as GradScaler sets it) and
-    skip the update on the device; other optimizers do not."""
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
-        g.get("fused") for g in optimizer.param_groups)
+    skip the update on the device; our Muon multiplies its update by it (train/optim.py); Muon +
+    AdamW hands it to both."""
+    if isinstance(optimizer, MuonWithAdamW):
+        return takes_found_inf(optimizer.adamw)
+    return isinstance(optimizer, Muon) or (isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)) and all(
+        g.get("fused") for g in optimizer.param_groups))
 
 
 def smaller_micro(rows: int, micro: int) -> int | None:
@@ -100,13 +104,13 @@ def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=N
         finite = bool(torch.isfinite(loss_sum))
     elif takes_found_inf(optimizer):  # the skip decided on the device: no host sync before the update
         bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
-        optimizer.found_inf = bad  # fused AdamW skips its update and step count where this is 1
+        optimizer.found_inf = bad  # fused AdamW skips its update and step count where this is 1; Muon x 0
         try:
             optimizer.step()
         finally:
             del optimizer.found_inf
         finite = not bool(bad)  # read once the step is queued
-    else:  # Muon (its own update loop) or an unfused optimizer: decided on the host
+    else:  # an unfused optimizer: decided on the host
         finite = bool(torch.isfinite(loss_sum)) and bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()

@@ -81,25 +81,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def native_gqa(q: torch.Tensor, mask) -> bool:
-    """Whether SDPA's `enable_gqa` keeps this call on a fused kernel. On CUDA only the flash kernel
-    runs GQA (the memory-efficient one does not: the math kernel would materialize every score), and
-    flash needs compute capability 8.0, fp16/bf16 and no explicit mask (left padding); elsewhere K/V
-    are expanded to every head. CPUs run GQA as before."""
-    return not q.is_cuda or gqa_flash(_capability(q.device), q.dtype, mask is not None)
+    """Whether SDPA's `enable_gqa` keeps this call on a fused kernel: on CUDA only flash runs GQA
+    (capability >= 8.0, fp16/bf16, no mask); elsewhere K/V are expanded (the math kernel would
+    materialize every score). CPUs run GQA as before."""
+    return not q.is_cuda or gqa_flash(torch.cuda.get_device_capability(q.device), q.dtype, mask is not None)
 
 
 def gqa_flash(capability: tuple[int, int], dtype: torch.dtype, masked: bool) -> bool:
-    """The flash kernel's conditions (a pure function: tests drive it with T4 ... H200 properties)."""
     return capability >= (8, 0) and dtype in (torch.float16, torch.bfloat16) and not masked
-
-
-_CAPABILITY: dict = {}
-
-
-def _capability(device: torch.device) -> tuple[int, int]:
-    if device not in _CAPABILITY:
-        _CAPABILITY[device] = torch.cuda.get_device_capability(device)
-    return _CAPABILITY[device]
 
 
 class Attention(nn.Module):
