@@ -28,10 +28,10 @@ demo: venv
 	$(BIN)/llamaforge demo --out runs/demo
 
 test: venv
-	$(BIN)/python -m pytest -q -x
+	$(BIN)/python -m pytest -q -x --durations=15
 
 test-slow: venv
-	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q -m slow --durations=15
 
 # The drift canary: a new virtual environment with the newest versions pyproject.toml allows
 # (torch stays $(TORCH)), running the compatibility subset (tests marked `compat`).

@@ -1,7 +1,10 @@
-"""Configuration as dataclasses: model presets here, YAML files in configs/, `--key value` overrides.
+"""Configuration as dataclasses (the schema), presets as YAML files in configs/, `--key value` overrides.
 
-OmegaConf merges a dataclass schema, a YAML file and dotted overrides with type checking, so no
-hand-written parser lives here. A preset is the name of a YAML file in `configs/`.
+OmegaConf merges the dataclass schema, a YAML file (a preset is the name of one in `configs/`) and
+dotted overrides with type checking, so no hand-written parser lives here. Where each default comes
+from: the schema's train defaults are AdamW + cosine (what a YAML file without `optimizer` /
+`schedule` gets, and the gpt2, extend and sft presets); the `tiny` and `llama-150m` presets set the
+default recipe, Muon + WSD.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from .errors import UserError
@@ -91,6 +94,14 @@ class RunConfig:
     tokenizer: str = "mistral"
 
 
+def _lists_as_text(layer: DictConfig) -> DictConfig:
+    """train.eval_tasks given as a list (YAML, or `--train.eval_tasks '[a,b]'`) -> "a,b"."""
+    tasks = OmegaConf.select(layer, "train.eval_tasks", default=None)
+    if isinstance(tasks, ListConfig):
+        layer.train.eval_tasks = ",".join(str(t) for t in tasks)
+    return layer
+
+
 def preset_names() -> list[str]:
     return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
 
@@ -116,8 +127,8 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
                 raise UserError(f"config file {file} is not valid YAML ({str(e).splitlines()[0]}); fix it") from None
             if not isinstance(loaded, DictConfig):
                 raise UserError(f"config file {file} is not a mapping of sections (model:, train:); fix it")
-            layers.append(loaded)
-        layers.append(OmegaConf.from_dotlist(list(overrides)))
+            layers.append(_lists_as_text(loaded))
+        layers.append(_lists_as_text(OmegaConf.from_dotlist(list(overrides))))
         merged = OmegaConf.merge(*layers)
         cfg: RunConfig = OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError) as e:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UserError
-from .tasks import BENCHES, capability_score
+from .tasks import BENCHES, CAPABILITY_SET, CAPABILITY_VERSION, capability_score
 
 log = logging.getLogger(__name__)
 PLAIN = "plain accuracy (not IRT)"
@@ -51,6 +51,30 @@ def _irt(samples: list[dict], params_file: str) -> float | None:
             os.chdir(cwd)
 
 
+@contextlib.contextmanager
+def third_party_to(log_file: str | Path | None):
+    """lm-eval's progress bars, its "Truncating N tokens" warnings and other libraries' notices into
+    `log_file` (a run's lm-eval.log), not onto the terminal and through our progress bar."""
+    if log_file is None:
+        yield
+        return
+    import logging
+
+    with open(log_file, "a", encoding="utf-8") as f:
+        handler = logging.StreamHandler(f)
+        saved = {}
+        for name in ("lm_eval", "lm-eval"):
+            logger = logging.getLogger(name)
+            saved[name] = (logger.handlers[:], logger.propagate)
+            logger.handlers, logger.propagate = [handler], False
+        try:
+            with contextlib.redirect_stderr(f), contextlib.redirect_stdout(f):
+                yield
+        finally:
+            for name, (handlers, propagate) in saved.items():
+                logging.getLogger(name).handlers, logging.getLogger(name).propagate = handlers, propagate
+
+
 def task_manager(tasks: list[str], include_path: str | Path | list | None = None):
     """lm-eval's TaskManager over its tasks and `include_path`; an unknown name refused in one line
     (call it before loading a model: the names are then checked before any work)."""
@@ -68,7 +92,8 @@ def task_manager(tasks: list[str], include_path: str | Path | list | None = None
 
 def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | list | None = None,
               limit: int | None = None, batch_size: int = 4, irt_params: str | None = None, log_samples: bool = False,
-              output_dir: str | Path | None = None, autocast=contextlib.nullcontext) -> dict:
+              output_dir: str | Path | None = None, autocast=contextlib.nullcontext,
+              log_file: str | Path | None = None) -> dict:
     """Score `model` on lm-eval tasks; returns {task: {metric, value, ci95, n, kind}}; the offline
     benchmarks (eval/tasks.py) also carry `correct` (0/1 per item, by doc_id) and `centered`, and
     `capability` their capability score. `autocast`: the precision to score in (training's)."""
@@ -85,7 +110,7 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | lis
     benches = [t for t in tasks if t in BENCHES]
     cache, model.config.use_cache = model.config.use_cache, False  # lm-eval's scoring forwards: no KV cache
     try:  # built and thrown away on every call (generate still asks for one through its generation_config)
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast(), third_party_to(log_file):
             results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=limit,
                                               log_samples=log_samples or irt_params is not None or bool(benches))
     finally:
@@ -114,7 +139,8 @@ def run_tasks(model, tokenizer, tasks: list[str], include_path: str | Path | lis
             out[task]["centered"] = score["tasks"][task]["centered"]
         out["capability"] = {"metric": "capability score (centered accuracy, mean over tasks)", "value": score["score"],
                              "ci95": score["ci95"], "n": sum(len(v) for v in items.values()),
-                             "kind": "centered on chance; normal 95% interval", "tasks": benches}
+                             "kind": "centered on chance; normal 95% interval", "tasks": benches,
+                             "set": CAPABILITY_VERSION if set(benches) == set(CAPABILITY_SET) else "custom"}
     if output_dir and log_samples:
         from lm_eval.loggers import EvaluationTracker
 

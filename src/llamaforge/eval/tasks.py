@@ -17,6 +17,8 @@ interval from the per-item results (normal approximation: each task's variance o
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 import random
@@ -104,14 +106,19 @@ BENCHES = {b.name: b for b in (
     Bench("boolq_offline", "boolq", "boolq/none", "acc", _boolq),
     Bench("copa_offline", "copa", "super_glue/copa", "acc", _copa),
 )}
-CAPABILITY = "capability"  # --tasks capability: every task above
+CAPABILITY = "capability"  # --tasks capability: the capability set below
+# The capability score's tasks: a list of its own (adding a task to BENCHES does not change the score),
+# named and versioned in every bench row and the report. A new set is a new version.
+CAPABILITY_SET = ("hellaswag_offline", "arc_easy_offline", "arc_challenge_offline", "piqa_offline",
+                  "winogrande_offline", "openbookqa_offline", "sciq_offline", "boolq_offline", "copa_offline")
+CAPABILITY_VERSION = "capability-v1 (9 tasks)"
 
 
 def expand(tasks: list[str]) -> list[str]:
     """`capability` -> the capability set, in order; other names unchanged; no duplicates."""
     out: list[str] = []
     for t in tasks:
-        for name in (list(BENCHES) if t == CAPABILITY else [t]):
+        for name in (list(CAPABILITY_SET) if t == CAPABILITY else [t]):
             if name not in out:
                 out.append(name)
     return out
@@ -144,9 +151,18 @@ def task_yaml(bench: Bench, data_file: Path) -> str:
             f"metadata:\n  version: 1.0\n  stock_task: {bench.stock}\n")
 
 
+def task_key(names: list[str]) -> str:
+    """A digest of what the named tasks' files are built from: their converters, the row builder
+    and the YAML template (their source code) and the order seed."""
+    sources = [inspect.getsource(f) for f in (build_rows, task_yaml, *(BENCHES[n].convert for n in sorted(set(names))))]
+    return hashlib.sha256("\0".join([str(ORDER_SEED), *sources]).encode()).hexdigest()[:12]
+
+
 def bench_task_dir(names: list[str]) -> Path:
-    """The include_path holding the named tasks' YAML + JSONL, each built once into the cache."""
-    folder = cache_dir() / "lm_eval_tasks" / "bench-v1"
+    """The include_path holding the named tasks' YAML + JSONL, each built once into the cache: the
+    folder is keyed by the content of the converters and the task template, so a changed converter
+    builds new rows instead of serving the old ones."""
+    folder = cache_dir() / "lm_eval_tasks" / f"bench-{task_key(names)}"
     for name in names:
         bench = BENCHES[name]
         if (folder / f"{name}.yaml").exists():

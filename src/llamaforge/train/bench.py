@@ -7,9 +7,12 @@ from __future__ import annotations
 import itertools
 import math
 import random
+import time
+from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..eval.harness import run_tasks
 from ..eval.loss import windowed_loss
@@ -19,7 +22,8 @@ from .preempt import Abandoned, abandon_on_stop
 from .precision import tf32_matmuls
 
 
-def score_tasks(model, tokenizer, tasks: list[str], limit: int | None, autocast, batch_size: int) -> dict:
+def score_tasks(model, tokenizer, tasks: list[str], limit: int | None, autocast, batch_size: int,
+                log_file: str | Path | None = None) -> dict:
     """{score, score_lo, score_hi, TASK_acc, TASK_centered, TASK_n, ..., items} for a `bench` row;
     `items`: per offline task, its items' results in doc order as a string of 0/1."""
     was_training = model.training
@@ -29,7 +33,8 @@ def score_tasks(model, tokenizer, tasks: list[str], limit: int | None, autocast,
         device = next(model.parameters()).device
         cuda = [device] if device.type == "cuda" else []
         with torch.compiler.set_stance("force_eager"), torch.random.fork_rng(devices=cuda):
-            result = run_tasks(model, tokenizer, tasks, include_paths(tasks), limit, batch_size, autocast=autocast)
+            result = run_tasks(model, tokenizer, tasks, include_paths(tasks), limit, batch_size, autocast=autocast,
+                               log_file=log_file)
     finally:
         model.train(was_training)
         random.setstate(states[0])
@@ -37,7 +42,7 @@ def score_tasks(model, tokenizer, tasks: list[str], limit: int | None, autocast,
     row: dict = {}
     if "capability" in result:
         cap = result["capability"]
-        row.update(score=cap["value"], score_lo=cap["ci95"][0], score_hi=cap["ci95"][1])
+        row.update(score=cap["value"], score_lo=cap["ci95"][0], score_hi=cap["ci95"][1], score_set=cap["set"])
     for task in tasks:
         r = result[task]
         row[f"{task}_{r['metric']}"] = r["value"]
@@ -122,9 +127,14 @@ class InLoopEvaluation:
         if self.d.main or self.sharded:
             try:
                 with abandon_on_stop(self.eval_model, self.flag, not self.sharded):
+                    start = time.perf_counter()
                     row = score_tasks(self.eval_model, self.tokenizer, task_list(self.t.eval_tasks),
-                                      self.t.eval_tasks_limit, self.precision.autocast, self.micro_batch)
+                                      self.t.eval_tasks_limit, self.precision.autocast, self.micro_batch,
+                                      self.run_dir / "lm-eval.log")  # third-party output: the run's log
                 self.metrics.log("bench", self.step, tokens_seen=self.tokens_seen, **row)
+                if "score" in row and self.progress and self.d.main:  # one line on the terminal per scoring
+                    tqdm.write(f"step {self.step}: capability score {row['score']:+.3f} ({row['score_lo']:+.3f} to "
+                               f"{row['score_hi']:+.3f}) in {time.perf_counter() - start:.0f} s")
             except Abandoned:  # a stop arrived mid-scoring: the checkpoint first
                 self.metrics.log("event", self.step, event="abandoned", work="benchmarks")
         self.d.barrier()

@@ -29,7 +29,7 @@ def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
                         "run (or resume) it under DDP (--train.fsdp false), or start with --train.optimizer adamw for FSDP")
     if t.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise UserError(f"train.optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
-                        "pip install 'torch>=2.9' (README: Install on a GPU), or --train.optimizer adamw")
+                        "pip install 'torch>=2.9' (docs/gpu.md), or --train.optimizer adamw")
     if t.max_steps <= 0 or t.lr <= 0:
         raise UserError("max_steps and lr must be positive")
     if t.wandb:

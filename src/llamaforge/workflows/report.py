@@ -119,7 +119,8 @@ def _bench_section(out: Path, recs: dict[str, list[dict]], shift: dict[str, int]
         if "score" in last:
             table.append(["**capability score**", f"{last['score']:+.3f} ({last['score_lo']:+.3f} to "
                                                   f"{last['score_hi']:+.3f})", sum(last[f"{t}_n"] for t in tasks)])
-        md += [f"{name}, step {last['step']} ({last['tokens_seen']:,} tokens):", "",
+        md += [f"{name}, step {last['step']} ({last['tokens_seen']:,} tokens; task set: "
+               f"{last.get('score_set', 'capability-v1 (9 tasks)')}):", "",
                _table(["task", "centered accuracy", "items"], table), ""]
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_title("Capability during training")

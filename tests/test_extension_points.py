@@ -1,0 +1,49 @@
+"""One place per idea (issue "One place per idea"): the capability set is its own versioned list, the
+task cache follows the converters' content, lists are accepted where a comma string is, lm-eval's
+own output goes to the run's log."""
+
+import logging
+import sys
+
+import pytest
+
+from llamaforge.config import load_config
+from llamaforge.eval import tasks
+
+
+def test_the_capability_set_is_its_own_list_and_a_new_task_does_not_change_it(monkeypatch):
+    assert tasks.expand(["capability"]) == list(tasks.CAPABILITY_SET)
+    assert set(tasks.CAPABILITY_SET) <= set(tasks.BENCHES)
+    extra = tasks.Bench("new_offline", "new", "new/none", "acc", lambda r: r)
+    monkeypatch.setitem(tasks.BENCHES, "new_offline", extra)  # a task added to the registry
+    assert tasks.expand(["capability"]) == list(tasks.CAPABILITY_SET)  # the headline score keeps its tasks
+    assert "9 tasks" in tasks.CAPABILITY_VERSION and len(tasks.CAPABILITY_SET) == 9
+
+
+def test_the_task_cache_is_keyed_by_the_converters_content(monkeypatch):
+    names = ["copa_offline", "piqa_offline"]
+    before = tasks.task_key(names)
+    assert tasks.task_key(list(reversed(names))) == before
+    changed = tasks.replace(tasks.BENCHES["copa_offline"], convert=lambda r: {"query": "changed", **r})
+    monkeypatch.setitem(tasks.BENCHES, "copa_offline", changed)
+    assert tasks.task_key(names) != before  # a changed converter: new files, never the old rows
+
+
+@pytest.mark.parametrize("given", ["train.eval_tasks=[copa_offline,piqa_offline]", "train.eval_tasks=copa_offline,piqa_offline"])
+def test_eval_tasks_as_a_list_or_a_comma_string(given, tmp_path):
+    assert load_config("tiny", overrides=[given]).train.eval_tasks == "copa_offline,piqa_offline"
+    (tmp_path / "c.yaml").write_text("train:\n  eval_tasks: [copa_offline, piqa_offline]\n")
+    assert load_config(file=tmp_path / "c.yaml").train.eval_tasks == "copa_offline,piqa_offline"
+
+
+def test_third_party_output_goes_to_the_log_file(tmp_path, capsys):
+    from llamaforge.eval.harness import third_party_to
+
+    log = tmp_path / "lm-eval.log"
+    with third_party_to(log):
+        logging.getLogger("lm_eval.api.model").warning("Truncating 12 tokens from the left")
+        print("progress bar", file=sys.stderr)
+    out = capsys.readouterr()
+    assert "Truncating" not in out.err + out.out and "progress bar" not in out.err
+    assert "Truncating 12 tokens" in log.read_text() and "progress bar" in log.read_text()
+    assert logging.getLogger("lm_eval").propagate  # put back as it was
