@@ -47,3 +47,35 @@ def test_third_party_output_goes_to_the_log_file(tmp_path, capsys):
     assert "Truncating" not in out.err + out.out and "progress bar" not in out.err
     assert "Truncating 12 tokens" in log.read_text() and "progress bar" in log.read_text()
     assert logging.getLogger("lm_eval").propagate  # put back as it was
+
+
+def test_a_new_schedule_is_one_registry_entry_and_unknown_names_fail_with_the_known_ones(monkeypatch):
+    """`linear` added the way docs/contributing.md says (one @schedule entry): the config takes it, the
+    scheduler runs it, the recipe names it; nothing else had to learn the name. Unknown names: one line."""
+    import torch
+
+    from llamaforge.errors import UserError
+    from llamaforge.train import optim, schedules
+    from llamaforge.train.checks import check_runnable
+
+    monkeypatch.setattr(schedules, "SCHEDULES", dict(schedules.SCHEDULES))
+    schedules.schedule("linear", describe=lambda t: f"{t['warm']}, linear to {t['min_lr_ratio']} of peak")(
+        lambda step, t: 1 - (1 - t.min_lr_ratio) * (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    cfg = load_config("tiny", overrides=["train.schedule=linear", "train.warmup_steps=0", "train.max_steps=10",
+                                         "train.min_lr_ratio=0"])
+    check_runnable(cfg, cfg.model, 1)
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.AdamW([{"params": [p], "lr_name": "lr"}], lr=1.0)
+    sched = schedules.build_scheduler(opt, cfg.train)
+    lrs = []
+    for _ in range(5):
+        lrs.append(optim.lr_values(opt)["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1.0, 0.9, 0.8, 0.7, 0.6])
+    assert "linear to 0.0 of peak" in optim.describe_recipe(vars(cfg.train))
+    for key, bad, known in (("optimizer", "sgd", "adamw, muon"), ("schedule", "trapezoid", "cosine, wsd, linear")):
+        cfg = load_config("tiny", overrides=[f"train.{key}={bad}"])
+        with pytest.raises(UserError, match=f"train.{key} '{bad}' is not one of {known}"):
+            check_runnable(cfg, cfg.model, 1)
+    assert optim.describe_recipe({"optimizer": "sgd"}) == "unknown"  # a card of a foreign run: no crash

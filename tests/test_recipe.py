@@ -12,7 +12,8 @@ from llamaforge.errors import UserError
 from llamaforge.runs import checkpoints, read_metrics
 from llamaforge.train.loop import check_runnable
 from llamaforge.train import optim, precision
-from llamaforge.train.optim import MuonWithAdamW, build_optimizer, build_scheduler, decay_start, lr_factor
+from llamaforge.train.optim import MuonWithAdamW, build_optimizer
+from llamaforge.train.schedules import build_scheduler, decay_start, lr_factor
 from llamaforge.train.step import train_step
 from llamaforge.workflows.pretrain import pretrain
 
@@ -33,14 +34,19 @@ def losses(run):
     return {r["step"]: r["loss"] for r in read_metrics(run) if r["type"] == "train"}
 
 
+def _t(**kw):
+    return load_config(overrides=[f"train.{k}={v}" for k, v in kw.items()]).train
+
+
 def test_wsd_warms_up_holds_then_decays_to_the_floor():
-    f = [lr_factor(s, 10, 100, 0.0, "wsd", 0.2) for s in range(100)]
+    t = _t(warmup_steps=10, max_steps=100, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.2)
+    f = [lr_factor(s, t) for s in range(100)]
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert all(x == 1.0 for x in f[10:80])  # stable: a longer run continues from here unchanged
     assert f[80] < 1.0 and f[99] == pytest.approx(0.0) and all(a > b for a, b in zip(f[80:], f[81:]))
-    assert decay_start(100, "wsd", 0.2) == 80 and decay_start(100, "cosine", 0.2) is None
-    sqrt = lr_factor(89, 10, 100, 0.0, "wsd", 0.2, "1-sqrt")
-    assert sqrt == pytest.approx(1 - 0.5 ** 0.5) and sqrt < lr_factor(89, 10, 100, 0.0, "wsd", 0.2)
+    assert decay_start(t) == 80 and decay_start(_t(max_steps=100, schedule="cosine")) is None
+    sqrt = lr_factor(89, _t(warmup_steps=10, max_steps=100, min_lr_ratio=0.0, schedule="wsd", decay_shape="1-sqrt"))
+    assert sqrt == pytest.approx(1 - 0.5 ** 0.5) and sqrt < lr_factor(89, t)
 
 
 def test_micro_batch_is_derived_when_not_given():
@@ -60,9 +66,13 @@ def test_muon_with_fsdp_is_refused_and_bad_choices_too():
     cfg = load_config(overrides=["train.optimizer=muon", "train.fsdp=true"])
     with pytest.raises(UserError, match="Muon needs whole matrices"):
         check_runnable(cfg, cfg.model, 2)
-    for bad in ("train.optimizer=sgd", "train.schedule=linear", "train.decay_shape=cos", "train.decay_fraction=0"):
-        with pytest.raises(UserError, match=bad.split("=")[0]):
-            load_config(overrides=[bad])
+    with pytest.raises(UserError, match="train.decay_fraction"):
+        load_config(overrides=["train.decay_fraction=0"])
+    for bad, known in (("train.optimizer=sgd", "adamw, muon"), ("train.schedule=linear", "cosine, wsd"),
+                       ("train.decay_shape=cos", "linear, 1-sqrt")):  # the registries refuse, naming what they know
+        cfg = load_config(overrides=[bad, "train.schedule=wsd"] if "decay_shape" in bad else [bad])
+        with pytest.raises(UserError, match=f"{bad.split('=')[0]} .* is not one of {known}"):
+            check_runnable(cfg, cfg.model, 1)
 
 
 def _muon_pair(ns_dtype):
@@ -149,7 +159,7 @@ def test_muon_takes_the_blocks_matrices_and_resumes_exactly(small_model):
             s.step()
         return out
 
-    sched = build_scheduler(opt, 1, 6, 0.0, "wsd", 0.5)  # the resumed steps decay the LR
+    sched = build_scheduler(opt, _t(warmup_steps=1, max_steps=6, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.5))  # the resumed steps decay the LR
     first = run(model, opt, sched, 3)
     assert first[-1] < first[0]  # it learns
     saved = copy.deepcopy((sched.state_dict(), model.state_dict(), opt.state_dict()))  # live tensors otherwise
@@ -157,7 +167,7 @@ def test_muon_takes_the_blocks_matrices_and_resumes_exactly(small_model):
     fresh = small_model(seed=1)
     fresh.load_state_dict(saved[1])
     opt2 = build_optimizer(fresh, lr=1e-3, kind="muon")
-    sched2 = build_scheduler(opt2, 1, 6, 0.0, "wsd", 0.5)  # the loop's order: scheduler, then the states
+    sched2 = build_scheduler(opt2, _t(warmup_steps=1, max_steps=6, min_lr_ratio=0.0, schedule="wsd", decay_fraction=0.5))  # the loop's order: scheduler, then the states
     opt2.load_state_dict(saved[2])
     sched2.load_state_dict(saved[0])
     assert run(fresh, opt2, sched2, 3) == straight  # bit-exact: momentum buffers and the LR schedule restored

@@ -14,7 +14,8 @@ import torch
 from helpers import PRECISIONS, TOLERANCE, assert_user_error, dotlist, micro, run_cli, stories_data
 from llamaforge.runs import checkpoints
 from llamaforge.runs import read_metrics
-from llamaforge.train.optim import lr_factor
+from llamaforge.config import load_config
+from llamaforge.train.schedules import lr_factor
 from llamaforge.workflows.pretrain import pretrain
 
 MICRO = [*micro(layers=2, positions=64), "--train.seq_len", "32", "--train.micro_batch", "2", "--train.eval_tokens", "512", "--train.warmup_steps", "2",
@@ -52,10 +53,12 @@ def wait_for(pred, proc, timeout=120):
 
 
 def test_lr_schedule_warmup_then_cosine_to_ten_percent():
-    assert lr_factor(0, 10, 100) == pytest.approx(0.1)
-    assert lr_factor(9, 10, 100) == pytest.approx(1.0)
-    assert lr_factor(55, 10, 100) == pytest.approx(0.55)
-    assert lr_factor(100, 10, 100) == pytest.approx(0.1)
+    t = load_config(overrides=["train.warmup_steps=10", "train.max_steps=100", "train.schedule=cosine",
+                               "train.min_lr_ratio=0.1"]).train
+    assert lr_factor(0, t) == pytest.approx(0.1)
+    assert lr_factor(9, t) == pytest.approx(1.0)
+    assert lr_factor(55, t) == pytest.approx(0.55)
+    assert lr_factor(100, t) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)

@@ -47,13 +47,13 @@ class TrainConfig:
     micro_batch: Optional[str] = None  # sequences per forward on one rank: N | auto (the largest that fits:
     # out-of-memory halves it, train/step.py) | null (derived: micro_batch_for)
     max_steps: int = 300
-    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest: train/optim.py)
+    optimizer: str = "adamw"  # a name in train/optim.py's OPTIMIZERS: adamw | muon (Muon for the blocks' matrices)
     lr: float = 3e-3  # AdamW's peak LR (with muon: for embeddings, head, norms)
     muon_lr: float = 0.02  # Muon's peak LR (Keller Jordan's "original" scaling)
     muon_momentum: float = 0.95
     muon_weight_decay: float = 0.0
     muon_ns_dtype: str = "auto"  # Newton-Schulz in: auto (bf16 where the hardware has fast bf16, else fp32) | bf16 | fp32
-    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay)
+    schedule: str = "cosine"  # a name in train/schedules.py's SCHEDULES: cosine | wsd (warmup-stable-decay)
     min_lr_ratio: float = 0.1  # the schedule ends at this fraction of the peak LR
     decay_fraction: float = 0.2  # wsd: the last fraction of the steps that decays
     decay_shape: str = "linear"  # wsd: linear | 1-sqrt
@@ -151,10 +151,10 @@ RANGES = {
     "keep_last": (1, 1 << 20, True), "seed": (0, 2**63 - 1, True), "max_bad_steps": (1, 1 << 20, True),
     "spike_factor": (0, 1e6, True),
 }
-_CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("adamw", "muon"),
-            "on_divergence": ("stop", "rollback"),
-            "muon_ns_dtype": ("auto", "bf16", "fp32"), "schedule": ("cosine", "wsd"),
-            "decay_shape": ("linear", "1-sqrt"), "compile": ("auto", "true", "false"),
+# (optimizer and schedule names belong to their registries, train/optim.py and train/schedules.py:
+# checked there, by train/checks.check_runnable, before any work)
+_CHOICES = {"precision": ("auto", "fp32", "bf16", "fp16"), "on_divergence": ("stop", "rollback"),
+            "muon_ns_dtype": ("auto", "bf16", "fp32"), "compile": ("auto", "true", "false"),
             "compile_loss": ("auto", "true", "false")}
 MICRO_TOKENS = 8192  # the derived micro-batch holds at most this many tokens (a memory cap)
 

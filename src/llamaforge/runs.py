@@ -190,23 +190,6 @@ def run_summary(run: Path) -> dict:
     return out
 
 
-def describe_recipe(t: dict) -> str:
-    """The optimizer and LR schedule of a `train:` section, in words (start event, card, report)."""
-    adamw = f"AdamW (betas {t.get('beta1')}, {t.get('beta2')}; weight decay {t.get('weight_decay')}; peak LR {t.get('lr')})"
-    if t.get("optimizer") == "muon":
-        opt = (f"Muon for the blocks' matrices (peak LR {t.get('muon_lr')}, momentum {t.get('muon_momentum')}, "
-               f"weight decay {t.get('muon_weight_decay')}) + {adamw} for embeddings, head and norms")
-    else:
-        opt = adamw
-    warm = f"{t.get('warmup_steps')} warmup steps"
-    if t.get("schedule") == "wsd":
-        sched = (f"warmup-stable-decay: {warm}, constant, then {t.get('decay_shape')} decay over the last "
-                 f"{t.get('decay_fraction')} of the steps to {t.get('min_lr_ratio')} of peak")
-    else:
-        sched = f"{warm}, cosine to {t.get('min_lr_ratio')} of peak"
-    return f"{opt}; {sched}; clip {t.get('grad_clip')}"
-
-
 def recipe(run: Path) -> str:
     """The optimizer and schedule a run used, from its start event."""
     for r in read_metrics(run):

@@ -15,7 +15,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..model.io import RECORDS, count_parameters
-from ..runs import config_path, describe_recipe, hardware, latest_state, read_metrics, run_summary
+from ..runs import config_path, hardware, latest_state, read_metrics, run_summary
+from ..train.optim import describe_recipe
 
 
 def model_records(model, tokenizer_name: str, run_dir: Path | None = None, evals: list[dict] = (),

@@ -7,6 +7,8 @@ import torch
 from ..config import RunConfig, micro_batch_for
 from ..errors import UserError, require_extra
 from ..eval.tasks import check_names, expand
+from . import schedules
+from .optim import get_optimizer
 
 
 def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
@@ -24,6 +26,8 @@ def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
             fix = f"make --batch-tokens a multiple of seq_len x processes = {t.seq_len * world}"
         raise UserError(f"batch_tokens {t.batch_tokens} is not a multiple of micro_batch x seq_len x processes "
                         f"= {micro} x {t.seq_len} x {world} = {per_micro}; {fix}")
+    get_optimizer(t.optimizer)  # an unknown name: one line with the known ones (the registries own them)
+    schedules.get(t.schedule).check(t)
     if t.optimizer == "muon" and t.fsdp and world > 1:
         raise UserError("train.optimizer muon with train.fsdp: Muon needs whole matrices and FSDP2 shards them; "
                         "run (or resume) it under DDP (--train.fsdp false), or start with --train.optimizer adamw for FSDP")

@@ -27,7 +27,7 @@ from ..data.loader import Prefetched
 from ..errors import UserError
 from ..model.adapter import enable_activation_checkpointing, is_builtin
 from ..model.io import nonfinite_parameters
-from ..runs import RunRecord, config_path, copy_metrics, describe_recipe, metrics_path, tokenizer_dir
+from ..runs import RunRecord, config_path, copy_metrics, metrics_path, tokenizer_dir
 from . import checkpoint as ckpt
 from .bench import InLoopEvaluation, prepare_tasks
 from .checks import check_runnable
@@ -35,7 +35,8 @@ from .compiling import choose as choose_compile
 from .distributed import Dist, compile_blocks, fsdp_param_dtype, setup, teardown, unwrap, wrap
 from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, train_flops_per_token
 from .divergence import Divergence, Health
-from .optim import build_optimizer, build_scheduler, decay_start
+from .optim import describe_recipe, lr_values, optimizer_for
+from .schedules import build_scheduler, decay_start
 from .preempt import SIGNALS, StopFlag, Stopped
 from .precision import choose as choose_precision
 from .step import fitting_step, train_step
@@ -144,14 +145,11 @@ class Trainer(Divergence, InLoopEvaluation):
         self.wrapped = wrap(self.model, d, t.fsdp, fsdp_param_dtype(self.precision))
         self.eval_model = unwrap(self.wrapped)
         # FSDP2 replaces parameters: the optimizer is built after wrapping
-        self.optimizer = build_optimizer(self.wrapped, t.lr, t.weight_decay, (t.beta1, t.beta2), d.device, t.optimizer,
-                                         t.muon_lr, t.muon_momentum, t.muon_weight_decay, t.muon_ns_dtype,
-                                         muon_split=d.world > 1)  # DDP (Muon is refused under FSDP2)
-        self.scheduler = build_scheduler(self.optimizer, t.warmup_steps, t.max_steps, t.min_lr_ratio, t.schedule,
-                                         t.decay_fraction, t.decay_shape)
+        self.optimizer = optimizer_for(self.wrapped, t, d.device, split=d.world > 1)  # DDP (Muon refuses FSDP2)
+        self.scheduler = build_scheduler(self.optimizer, t)
         self.scaler = torch.amp.GradScaler(d.device.type) if self.precision.needs_scaler else None
         self.micro_batch = micro_batch_for(t, d.world)
-        self.stable_end = decay_start(t.max_steps, t.schedule, t.decay_fraction)
+        self.stable_end = decay_start(t)  # a schedule's decay start: the checkpoint a longer run continues from
 
     def restore(self, usable: Path, state: dict) -> None:
         """Optimizer, RNG, schedule, scaler and loader position of checkpoint `usable`."""
@@ -256,9 +254,7 @@ class Trainer(Divergence, InLoopEvaluation):
             lambda micro: train_step(self.wrapped, self.optimizer, micro, t.grad_clip, self.d.device,
                                      self.d.all_reduce if self.d.world > 1 else None, self.d.world, self.precision,
                                      self.scaler), batch, self.micro_batch, self.d.world, self.out_of_memory)
-        lrs = {"lr": self.optimizer.param_groups[-1]["lr"]}  # the LR this step used (AdamW's; Muon's apart)
-        if t.optimizer == "muon":
-            lrs["muon_lr"] = self.optimizer.param_groups[0]["lr"]
+        lrs = lr_values(self.optimizer)  # the LRs this step used, by group kind (lr; muon_lr)
         self.scheduler.step()
         self.step += 1
         seconds = time.perf_counter() - start

@@ -20,15 +20,16 @@ planned length from any checkpoint taken before the decay starts (resume with a 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from ..errors import UserError
 from ..model.adapter import find_blocks
+from . import schedules
 from .precision import choose as choose_precision
 
-OPTIMIZERS = ("adamw", "muon")
 NS_DTYPES = ("auto", "bf16", "fp32")
 
 
@@ -176,8 +177,7 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     """AdamW: decay matrices (dim >= 2: linear weights, embeddings), not norms or biases.
     muon: Muon (torch's, Newton-Schulz in the hardware's fast dtype) for the blocks' 2-D matrices,
     AdamW (as above) for everything else; `muon_split`: Newton-Schulz shared out over the DDP ranks."""
-    if kind not in OPTIMIZERS:
-        raise UserError(f"train.optimizer {kind!r} is not one of {', '.join(OPTIMIZERS)}")
+    get_optimizer(kind)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     device = device or named[0][1].device
     in_blocks = {id(p) for block in find_blocks(model) for p in block.parameters()} if kind == "muon" else set()
@@ -188,13 +188,14 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
                         "or use --train.optimizer adamw")
     ids = {id(p) for p in hidden}
     rest = [p for _, p in named if id(p) not in ids]
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_name": "lr"},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_name": "lr"}]
     adamw = _adamw([g for g in groups if g["params"]], lr, betas, device)
     if not hidden:
         return adamw
-    muon = Muon(hidden, ns_dtype=ns_dtype_for(device, muon_ns_dtype), split=muon_split, lr=muon_lr,
-                weight_decay=muon_weight_decay, momentum=muon_momentum, adjust_lr_fn="original")
+    muon = Muon([{"params": hidden, "lr_name": "muon_lr"}], ns_dtype=ns_dtype_for(device, muon_ns_dtype),
+                split=muon_split, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
+                adjust_lr_fn="original")
     return MuonWithAdamW(muon, adamw)
 
 
@@ -231,33 +232,57 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.muon.load_state_dict(state_dict["muon"])
         self.adamw.load_state_dict(state_dict["adamw"])
         self.param_groups = self.muon.param_groups + self.adamw.param_groups  # loading made new group dicts
+        for group in self.muon.param_groups:  # checkpoints of earlier versions did not name them
+            group.setdefault("lr_name", "muon_lr")
 
 
-def lr_factor(step: int, warmup_steps: int, max_steps: int, min_ratio: float = 0.1, schedule: str = "cosine",
-              decay_fraction: float = 0.2, decay_shape: str = "linear") -> float:
-    """The LR multiplier at `step` (0-based). Linear warmup to 1 over `warmup_steps`, then
-    cosine: decay to `min_ratio` at `max_steps`; wsd: 1 until the last `decay_fraction` of the
-    steps, then down to `min_ratio` (linearly, or as 1 - sqrt(progress))."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "cosine":
-        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_steps = max(1, round(decay_fraction * max_steps))
-    start = max_steps - decay_steps
-    if step < start:
-        return 1.0
-    progress = min(1.0, (step - start + 1) / decay_steps)
-    down = progress if decay_shape == "linear" else math.sqrt(progress)
-    return min_ratio + (1 - min_ratio) * (1 - down)
+# -- THE optimizers: one registry (name -> how to build it from the train config, and its words) ----
+@dataclass(frozen=True)
+class OptimizerKind:
+    build: Callable  # (model, train config, device, split over DDP ranks) -> a torch optimizer
+    describe: Callable  # (train section as a dict) -> words for the recipe
 
 
-def decay_start(max_steps: int, schedule: str, decay_fraction: float) -> int | None:
-    """The first step whose LR is below the peak (WSD), None for cosine."""
-    return max_steps - max(1, round(decay_fraction * max_steps)) if schedule == "wsd" else None
+def _describe_adamw(t: dict) -> str:
+    return (f"AdamW (betas {t.get('beta1')}, {t.get('beta2')}; weight decay {t.get('weight_decay')}; "
+            f"peak LR {t.get('lr')})")
 
 
-def build_scheduler(optimizer, warmup_steps: int, max_steps: int, min_ratio: float = 0.1, schedule: str = "cosine",
-                    decay_fraction: float = 0.2, decay_shape: str = "linear") -> LambdaLR:
-    return LambdaLR(optimizer, lambda s: lr_factor(s, warmup_steps, max_steps, min_ratio, schedule, decay_fraction,
-                                                   decay_shape))
+OPTIMIZERS: dict[str, OptimizerKind] = {
+    "adamw": OptimizerKind(
+        lambda model, t, device, split: build_optimizer(model, t.lr, t.weight_decay, (t.beta1, t.beta2), device),
+        _describe_adamw),
+    "muon": OptimizerKind(
+        lambda model, t, device, split: build_optimizer(
+            model, t.lr, t.weight_decay, (t.beta1, t.beta2), device, "muon", t.muon_lr, t.muon_momentum,
+            t.muon_weight_decay, t.muon_ns_dtype, muon_split=split),
+        lambda t: (f"Muon for the blocks' matrices (peak LR {t.get('muon_lr')}, momentum {t.get('muon_momentum')}, "
+                   f"weight decay {t.get('muon_weight_decay')}) + {_describe_adamw(t)} for embeddings, head and norms")),
+}
+
+
+def get_optimizer(name: str) -> OptimizerKind:
+    if name not in OPTIMIZERS:
+        raise UserError(f"train.optimizer {name!r} is not one of {', '.join(OPTIMIZERS)}")
+    return OPTIMIZERS[name]
+
+
+def optimizer_for(model: torch.nn.Module, t, device: torch.device, split: bool = False) -> torch.optim.Optimizer:
+    """The optimizer train config `t` names (`split`: Muon's Newton-Schulz shared out over DDP ranks)."""
+    return get_optimizer(t.optimizer).build(model, t, device, split)
+
+
+def lr_values(optimizer) -> dict[str, float]:
+    """The LR of each named kind of parameter group this step ({"lr": ..., "muon_lr": ...})."""
+    out: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        out.setdefault(group.get("lr_name", "lr"), group["lr"])
+    return out
+
+
+def describe_recipe(t: dict) -> str:
+    """The optimizer and LR schedule of a `train:` section, in words (start event, card, report);
+    "unknown" for a section that names none we know (a card of an old or foreign run)."""
+    if t.get("optimizer") not in OPTIMIZERS or t.get("schedule") not in schedules.SCHEDULES:
+        return "unknown"
+    return f"{get_optimizer(t.get('optimizer')).describe(t)}; {schedules.describe(t)}; clip {t.get('grad_clip')}"
