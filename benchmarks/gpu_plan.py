@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-# llama-150m at seq 256 on an H100 (README, GPU section: measured): 14.8 GB peak eager at micro-batch
+# llama-150m at seq 256 on an H100 (docs/gpu.md: measured): 14.8 GB peak eager at micro-batch
 # 64, 10.9 GB compiled; ~2.6 GB of it is weights, gradients and optimizer states (162M x 16 B).
 FIXED_GB, PER_SEQ_GB = 2.6, (14.8 - 2.6) / 64  # eager, the larger of the two
 MEMORY_SHARE = 0.8  # of the card's memory, for the allocator's fragmentation and the CUDA context
-H100_TOKENS_S = {"eager": 150_761, "compile": 248_013}  # measured, bf16, micro-batch 64 (README)
+H100_TOKENS_S = {"eager": 150_761, "compile": 248_013}  # measured, bf16, micro-batch 64 (docs/gpu.md)
 H100_TFLOPS = 989.0
 COMPILE_S = 90.0  # an estimate: the first compiled step of llama-150m with a cold inductor cache
 WARM_COMPILE_S = 20.0  # an estimate: the same graphs again (cache hits), in the later compiled runs

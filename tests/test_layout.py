@@ -1,4 +1,4 @@
-"""The architecture, checked: dependencies point one way (README, Layout), no import cycles, imports
+"""The architecture, checked: dependencies point one way (docs/contributing.md, Layout), no import cycles, imports
 between our modules at the top of the file, the model files import nothing of ours, files stay small."""
 
 import ast

@@ -1,4 +1,4 @@
-"""Bring your own LLaMA (README: Bring your own model): the user's code loaded only when named, every
+"""Bring your own LLaMA (docs/own-model.md): the user's code loaded only when named, every
 check against a deliberately broken model, and the whole pipeline on examples/my_llama."""
 
 import json

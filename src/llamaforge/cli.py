@@ -177,7 +177,7 @@ def _code_args(p: argparse.ArgumentParser) -> None:
     """--model-code / --model-class: wherever a model is built or loaded."""
     p.add_argument("--model-code", metavar="PATH",
                    help="your own model: a folder with configuration_*.py + modeling_*.py, or one .py file "
-                        "(README: Bring your own model)")
+                        "(docs/own-model.md)")
     p.add_argument("--model-class", metavar="NAME", help="the model class, when the code defines several")
 
 
@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _code_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("check", help="check a model you wrote against what a LLaMA must do (README: Bring your own model)")
+    p = sub.add_parser("check", help="check a model you wrote against what a LLaMA must do (docs/own-model.md)")
     _code_args(p)
     p.add_argument("--preset", default="llama-150m", help="the size the parameter count is taken at (default: llama-150m)")
     p.add_argument("--only", help="comma-separated check names (default: all)")

@@ -139,7 +139,7 @@ def load_config(preset: str | None = None, file: str | Path | None = None, overr
 
 
 # THE ranges of the train section's numbers: (low, high, low included). Every number is also finite.
-# A value outside is refused before any work, in one line naming the range (README: train).
+# A value outside is refused before any work, in one line naming the range (docs/guarantees.md).
 _BIG = 2**62
 RANGES = {
     "seq_len": (1, 1 << 20, True), "batch_tokens": (1, _BIG, True), "max_steps": (1, _BIG, True),

@@ -39,7 +39,7 @@ def is_model_folder(path: Path) -> bool:
 def build_model(m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None, seed: int = 0,
                 code: ModelCode = BUILTIN):
     """A freshly initialized model (deterministic for a seed): ours, or the user's `code` given the
-    standard Llama fields of `m` (README: Bring your own model)."""
+    standard Llama fields of `m` (docs/own-model.md)."""
     kwargs = model_kwargs(m)
     if tokenizer is not None:
         if len(tokenizer) > m.vocab_size:

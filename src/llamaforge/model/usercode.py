@@ -1,6 +1,6 @@
 """A model the user wrote: import the code they named with `--model-code`, find its classes, build it.
 
-The contract (README, "Bring your own model"): a folder holding `configuration_*.py` and
+The contract (docs/own-model.md): a folder holding `configuration_*.py` and
 `modeling_*.py` (or one `.py` file holding both) with a `PretrainedConfig` subclass that accepts the
 standard Llama field names and a `PreTrainedModel` subclass whose forward(input_ids, attention_mask,
 position_ids) returns logits. Code runs only when the user names it: a model folder's `.py` files are
@@ -62,7 +62,7 @@ class ModelCode:
             return self.config_class(**fields)
         except TypeError as e:
             raise UserError(f"{self.config_class.__name__}({', '.join(fields)}) failed ({e}); its __init__ must accept "
-                            "the standard Llama field names and **kwargs (README: Bring your own model)") from None
+                            "the standard Llama field names and **kwargs (docs/own-model.md)") from None
 
     def config_from_dict(self, d: dict):
         """A config stored by `to_dict` (a checkpoint's state.json)."""
@@ -110,7 +110,7 @@ def _code_files(path: Path) -> list[Path]:
     files = sorted(p for p in path.glob("*.py") if p.name.startswith(("configuration_", "modeling_")))
     if not files:
         raise UserError(f"--model-code {path} holds no configuration_*.py or modeling_*.py; "
-                        "put your config and model there (README: Bring your own model)")
+                        "put your config and model there (docs/own-model.md)")
     return files
 
 
@@ -166,7 +166,7 @@ def _find_classes(modules: list, class_name: str | None, path: Path) -> tuple[ty
             chosen = [m for m in models if not any(o is not m and issubclass(o, m) for o in models)]
     if not chosen:
         raise UserError(f"{path} defines no PreTrainedModel subclass; write your model as one "
-                        "(README: Bring your own model)")
+                        "(docs/own-model.md)")
     if len(chosen) > 1:
         raise UserError(f"{path} defines several models ({', '.join(m.__name__ for m in chosen)}); "
                         "name one with --model-class NAME")

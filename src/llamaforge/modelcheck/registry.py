@@ -57,7 +57,7 @@ class Subject:
 class Check:
     name: str
     fn: Callable[[Subject], Row]
-    catches: str  # the bug it catches, one line (README, --list)
+    catches: str  # the bug it catches, one line (docs/own-model.md lists them)
 
 
 CHECKS: dict[str, Check] = {}

@@ -61,7 +61,7 @@ def sample_text(model, tokenizer, prompt: str, device: torch.device, max_new_tok
     if not hasattr(model, "generate"):  # a user's model without GenerationMixin: no sample (check says so)
         return ""
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
-    room = model.config.max_position_embeddings - ids.shape[1]  # never past the model's positions (README: train)
+    room = model.config.max_position_embeddings - ids.shape[1]  # never past the model's positions (docs/commands.md: train)
     if room < 1:
         return ""
     was_training = model.training

@@ -8,7 +8,7 @@ model) and, separately, the per-chunk math of the fused head + loss (the model's
 triton on CUDA: probed once, by compiling a one-line function), and the run must be long enough to
 repay the warm-up (`python -m benchmarks compile_cost` on a 2-core AMD EPYC Zen 4: a cold first step
 of 15 s with the loss compiled, 22-29 s with the blocks, against 0.42 s a step saved by the loss in
-bf16 at the `tiny` preset; README: Compilation). The loss
+bf16 at the `tiny` preset; docs/training.md: Compilation). The loss
 chunks are compiled by `auto` on CPUs only: on CUDA an earlier compiled loss gave zero gradients, so
 there it stays off until `make gpu-check` (which runs it both ways) has measured it on a GPU.
 """
@@ -54,7 +54,7 @@ def choose(compile_: str, compile_loss: str, device: torch.device, max_steps: in
            precision: str = "bf16") -> CompileChoice:
     """The blocks' and the loss's compilation for a run of `max_steps` on `device`, and why.
 
-    `auto` on CUDA: the blocks (1.64x eager on an H100 at llama-150m: README's gpu-check figures), not
+    `auto` on CUDA: the blocks (1.64x eager on an H100 at llama-150m: docs/gpu.md's gpu-check figures), not
     the loss (not yet measured there). On a CPU (benchmarks compile_cost, train_step): the blocks from
     hidden size BLOCKS_MIN_HIDDEN (1.32x eager at 512 in bf16 here; the issue measured 1.21x in fp32
     on an AVX2 EPYC; at 128 within noise of eager, with 22-29 s of warm-up), the loss in bf16 (0.72x

@@ -102,7 +102,7 @@ def _bench_section(out: Path, recs: dict[str, list[dict]], shift: dict[str, int]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     md = ["", "## Capability curve", "",
           "Accuracy centered on chance ((acc - chance) / (1 - chance); 0 = chance, 1 = perfect), the mean over "
-          "the tasks scored during training, with its 95% interval (README: Capability score).", ""]
+          "the tasks scored during training, with its 95% interval (docs/commands.md, eval: the capability score).", ""]
     for name, rs in rows.items():
         if not rs:
             continue

@@ -6,7 +6,7 @@ weights and `trust_remote_code=True` loads it.
 Architecture switches (LlamaConfig's names where it has them): `hidden_act` "silu" = SwiGLU MLP,
 "gelu_new" = GPT-2's GELU MLP; `norm_type` "rmsnorm" | "layernorm"; `position_embedding_type`
 "rope" | "learned" (absolute, GPT-2); `attention_bias`, `mlp_bias`. The defaults are LLaMA; the
-gpt2 presets set all five (see README, "A second architecture").
+gpt2 presets set all five (see docs/training.md, "A second architecture").
 
 A LLaMA-shaped model (RMSNorm, rotary, SwiGLU) is saved as a stock Llama config: `model_type:
 "llama"`, `architectures: ["LlamaForCausalLM"]`, every field written out (a stock reader fills a
