@@ -79,3 +79,14 @@ def test_a_new_schedule_is_one_registry_entry_and_unknown_names_fail_with_the_kn
         with pytest.raises(UserError, match=f"train.{key} '{bad}' is not one of {known}"):
             check_runnable(cfg, cfg.model, 1)
     assert optim.describe_recipe({"optimizer": "sgd"}) == "unknown"  # a card of a foreign run: no crash
+
+
+@pytest.mark.parametrize("name", __import__("llamaforge.config", fromlist=["preset_names"]).preset_names())
+def test_every_preset_loads_and_can_run(name):
+    """A preset is one YAML file: it loads against the schema and passes the refusals a run meets first."""
+    from llamaforge.train.checks import check_runnable
+
+    cfg = load_config(name)
+    if "extend" in name:  # `extend` runs it on the interpolated model, at the preset's length
+        cfg.model.max_position_embeddings = cfg.train.seq_len
+    check_runnable(cfg, cfg.model, 1)
