@@ -12,6 +12,7 @@ RUN_DIR/final is the workflows' job.
 
 from __future__ import annotations
 
+import gc
 import logging
 import pickle
 import time
@@ -74,12 +75,16 @@ def train(cfg: RunConfig, model, tokenizer, batches_factory, run_dir: str | Path
     trained from) is kept in every checkpoint. Raises `Stopped` after the checkpoint of a run
     stopped early (signal, time limit). Publishing the result is the caller's job."""
     d = setup()
+    trainer = None
     try:
         with StopFlag(parse_duration(cfg.train.time_limit)) as flag:
             trainer = Trainer(cfg, model, tokenizer, batches_factory, Path(run_dir), resume, progress, d,
                               record or RunRecord(), flag)
             return trainer.run()
     finally:
+        if trainer is not None:  # the DDP wrapper (its reducer holds the process group) goes first, while
+            trainer.wrapped = trainer.optimizer = None  # every rank is still here, not after teardown
+            gc.collect()
         teardown()
 
 
