@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_dir
 from ..config import check_range
 from ..data.prepare import read_meta
 from ..errors import UserError, require_extra
@@ -82,12 +83,22 @@ def _evaluate(model, tok_dir, model_path, data_dir, text, tasks, limit, subjects
     if text:
         result["perplexity"]["text"] = perplexity_on_text(model, tokenizer, text, batch_size)
     if tasks:
+        log = lm_eval_log()
         result["tasks"] = run_tasks(model, tokenizer, expand(list(tasks)), include, limit, batch_size, irt_params,
-                                    log_samples=samples_dir is not None, output_dir=samples_dir)
+                                    log_samples=samples_dir is not None, output_dir=samples_dir, log_file=log)
+        result["lm_eval_log"] = str(log)
         result["settings"] = {"limit": limit, "subjects": subjects, "batch_size": batch_size}
     if out:
         atomic_write_bytes(Path(out), (json.dumps(result, indent=2) + "\n").encode())
     return result
+
+
+def lm_eval_log() -> Path:
+    """Where lm-eval's own progress bars and warnings go instead of the terminal: llamaforge's cache
+    (logs/lm-eval.log; a training run's go to RUN_DIR/lm-eval.log). Nothing is written beside --out."""
+    path = cache_dir() / "logs" / "lm-eval.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def task_paths(tasks: list[str], subjects: list[str] | None, include_path: str | None) -> list[str]:
@@ -100,6 +111,8 @@ def task_paths(tasks: list[str], subjects: list[str] | None, include_path: str |
 
 def format_table(result: dict) -> str:
     lines = [f"model: {result['model']} (context {result['context']}, {result['dtype']})"]
+    if result.get("lm_eval_log"):
+        lines.append(f"  (lm-eval's own progress and warnings: {result['lm_eval_log']})")
     for name, p in result["perplexity"].items():
         bpb = f", bits/byte {p['bits_per_byte']:.4f}" if "bits_per_byte" in p else ""
         lines.append(f"  {name:<20} loss {p['loss']:.4f}, perplexity {p['perplexity']:.2f}{bpb} ({p['tokens']:,} tokens)")
