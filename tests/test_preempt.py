@@ -239,7 +239,7 @@ def test_a_signal_during_benchmark_scoring_abandons_it_and_saves_at_once(data, t
     next forward, and the run saves that step's checkpoint and stops (Stopped), with an event row."""
     forwards = {"after_signal": 0}
 
-    def long_scoring(model, tokenizer, tasks, limit, autocast, batch):
+    def long_scoring(model, tokenizer, tasks, limit, autocast, batch, log_file=None):
         os.kill(os.getpid(), signal.SIGTERM)
         ids = torch.zeros(1, 4, dtype=torch.long)
         for _ in range(1000):
