@@ -166,14 +166,16 @@ def test_chat_content_parts_and_templates_without_markers_train_the_assistant_to
 def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(data, tmp_path, monkeypatch):
     """torch.OutOfMemoryError injected above 2 sequences per forward: `auto` starts at the whole step
     (8 sequences), halves twice in step 1, then trains exactly as micro_batch 2 does."""
-    real = loop.train_step
+    from llamaforge.train import step as step_module
 
-    def small_memory(model, optimizer, micro_batches, *a, **k):
-        if len(micro_batches[0][0]) > 2:
+    real = step_module.causal_loss
+
+    def small_memory(model, inputs, *a, **k):  # the forward of a micro-batch above 2 sequences
+        if len(inputs) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
-        return real(model, optimizer, micro_batches, *a, **k)
+        return real(model, inputs, *a, **k)
 
-    monkeypatch.setattr(loop, "train_step", small_memory)
+    monkeypatch.setattr(step_module, "causal_loss", small_memory)
     common = ("--max-steps", 3, "--save-every", 3, "--batch-tokens", 256)
     pretrain(cfg(*common, "--train.micro_batch", "auto"), data, tmp_path / "auto", progress=False)
     pretrain(cfg(*common, "--train.micro_batch", 2), data, tmp_path / "two", progress=False)
@@ -183,9 +185,13 @@ def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(data, tmp_path
     a, b = ({r["step"]: r["loss"] for r in read_metrics(p) if r["type"] == "train"} for p in (tmp_path / "auto", tmp_path / "two"))
     assert sorted(a) == [1, 2, 3] and all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
     assert read_state(checkpoints(tmp_path / "auto")[-1])["micro_batch"] == 2
+    monkeypatch.setattr(step_module, "causal_loss", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(UserError, match="out of memory with 1 sequences"):
-        monkeypatch.setattr(loop, "train_step", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
         pretrain(cfg(*common, "--train.micro_batch", 1), data, tmp_path / "one", progress=False)
+    monkeypatch.setattr(step_module, "causal_loss", real)  # in the optimizer step: not redone, one line
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
+    with pytest.raises(UserError, match="out of memory in the optimizer step"):
+        pretrain(cfg(*common, "--train.micro_batch", "auto"), data, tmp_path / "opt", progress=False)
 
 
 def test_a_run_with_no_finite_step_publishes_nothing(data, tmp_path, monkeypatch):
@@ -193,3 +199,22 @@ def test_a_run_with_no_finite_step_publishes_nothing(data, tmp_path, monkeypatch
     with pytest.raises(UserError, match="none of the 3 steps had a finite loss"):
         pretrain(cfg("--max-steps", 3, "--train.max_bad_steps", 5), data, tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "final").exists()
+
+
+def test_two_rollbacks_scale_the_configured_lr_once_each(data, tmp_path, monkeypatch):
+    """Rolled back twice: every LR is the configured schedule x 0.25 (not compounded), and the
+    checkpoint each rollback restored is kept as it was."""
+    straight = tmp_path / "straight"
+    pretrain(cfg("--max-steps", 10, "--save-every", 2), data, straight, progress=False)
+    want = {r["step"]: r["lr"] for r in read_metrics(straight) if r["type"] == "train"}
+    diverging(monkeypatch, {5, 6, 7, 10, 11, 12})
+    run = tmp_path / "r"
+    pretrain(cfg("--max-steps", 10, "--save-every", 2, "--train.max_bad_steps", 3, "--train.on_divergence", "rollback"),
+             data, run, progress=False)
+    rows = read_metrics(run)
+    scales = [r["lr_scale"] for r in rows if r.get("event") == "rollback"]
+    assert scales == [0.5, 0.25]
+    got = {r["step"]: r["lr"] for r in rows if r["type"] == "train"}
+    assert all(got[s] == pytest.approx(0.25 * want[s]) for s in range(7, 11)), (got, want)
+    assert not any(r.get("event") == "lr_changed" for r in rows)
+    assert read_state(run / "checkpoints" / "step_10")["lr_scale"] == 0.25

@@ -91,11 +91,25 @@ def exchange(a: Path, b: Path) -> bool:
 
 def recover(out: Path) -> None:
     """A folder replacement killed between its two renames left `out` missing and the old folder as
-    `.NAME.old-PID`: put it back (the new one, possibly incomplete, is discarded by remove_stale)."""
+    `.NAME.old-PID`: put it back (the new one, possibly incomplete, is discarded by remove_stale).
+    Only an old folder whose writer is gone: a live writer between its renames is left alone."""
     out = Path(out)
-    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = sorted((p for p in out.parent.glob(f".{out.name}.old-*") if not _alive(p.name.rsplit("-", 1)[-1])),
+                  key=lambda p: p.stat().st_mtime)
     if olds and not out.exists() and not out.is_symlink():
         os.replace(olds[-1], out)
+
+
+def _alive(pid: str) -> bool:
+    if not pid.isdigit() or int(pid) == os.getpid():
+        return False  # this process is not in the middle of a replacement when it recovers
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def remove_stale(out: Path) -> None:

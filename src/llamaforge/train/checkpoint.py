@@ -145,13 +145,17 @@ def problem(path: Path) -> str | None:
 
 
 def newest_valid(found: list[Path]) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest checkpoint that passes `problem`, and the (newer) ones rejected with the reason."""
+    """The newest checkpoint that passes `problem` and was healthy (else the newest that passes), and
+    the newer ones passed over, with the reason."""
     rejected = []
     for path in reversed(found):
         why = problem(path) or (None if is_healthy(path) else "written while the run was diverging")
         if why is None:
             return path, rejected
         rejected.append((path, why))
+    readable = [p for p, why in rejected if why == "written while the run was diverging"]
+    if readable:  # no healthy one at all: the newest readable, rather than nothing
+        return readable[0], rejected[: [p for p, _ in rejected].index(readable[0])]
     return None, rejected
 
 

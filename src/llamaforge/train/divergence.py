@@ -84,14 +84,21 @@ class Divergence:
                          loss=stats.loss, grad_norm=stats.grad_norm)
         if not self.health.diverged:
             return False
-        healthy = ckpt.newest_healthy(self.run_dir)
+        found = ckpt.newest_healthy(self.run_dir)  # rank 0's choice, for every rank (as a resume's)
+        name = self.d.broadcast(found.name if found is not None else None)
+        healthy = ckpt.checkpoints_dir(self.run_dir) / name if name else None
+        if healthy is not None and not healthy.is_dir():
+            raise UserError(f"rank {self.d.rank} cannot read checkpoint {name}, which rank 0 rolls back to; put the "
+                            "run directory on a filesystem every node shares")
         if self.t.on_divergence == "rollback" and healthy is not None and self.rollbacks < MAX_ROLLBACKS:
             self.rollback(healthy)
             return True
         where = f"the last healthy checkpoint is {healthy.relative_to(self.run_dir)}" if healthy else \
             "no healthy checkpoint was saved"
+        hint = ("set --train.on_divergence rollback" if self.t.on_divergence != "rollback" else
+                f"it already rolled back {self.rollbacks} times" if healthy else "rollback needs a healthy checkpoint")
         raise UserError(f"the run diverged at step {self.step} ({streak} bad steps in a row: {why}); {where}: run the "
-                        "same command with a lower --lr (it resumes from there), or set --train.on_divergence rollback")
+                        f"same command with a lower --lr (it resumes from there); {hint}")
 
     def rollback(self, path: Path) -> None:
         """Back to healthy checkpoint `path`, past the data window that diverged, every LR scaled down."""
@@ -101,7 +108,7 @@ class Divergence:
         self.batches.load_state_dict(position)
         self.lr_scale, self.rollbacks = scale, count
         sched = self.scheduler
-        sched.base_lrs = [g["initial_lr"] * scale for g in self.optimizer.param_groups]
+        sched.base_lrs = [peak * scale for peak in self.peak_lrs]
         for group, base, fn in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
             group["lr"] = base * fn(sched.last_epoch)
         self.metrics.rewind(self.step)

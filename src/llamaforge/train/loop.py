@@ -152,6 +152,7 @@ class Trainer(Divergence, InLoopEvaluation):
         # FSDP2 replaces parameters: the optimizer is built after wrapping
         self.optimizer = optimizer_for(self.wrapped, t, d.device, split=d.world > 1)  # DDP (Muon refuses FSDP2)
         self.scheduler = build_scheduler(self.optimizer, t)
+        self.peak_lrs = list(self.scheduler.base_lrs)  # this run's configured peaks (rollbacks scale these)
         self.scaler = torch.amp.GradScaler(d.device.type) if self.precision.needs_scaler else None
         self.micro_batch = micro_batch_for(t, d.world)
         self.stable_end = decay_start(t)  # a schedule's decay start: the checkpoint a longer run continues from
@@ -182,7 +183,7 @@ class Trainer(Divergence, InLoopEvaluation):
         and the card record: a changed lr / muon_lr takes effect from here, with an lr_changed event),
         times the rollbacks' scale."""
         sched = self.scheduler
-        configured = list(sched.base_lrs)  # from this run's config (the optimizer state overwrote the groups)
+        configured = list(self.peak_lrs)  # from this run's config (the optimizer state overwrote the groups)
         sched.load_state_dict(state["scheduler"])
         saved = [b / state.get("lr_scale", 1.0) for b in sched.base_lrs]
         self.lr_scale, self.rollbacks = float(state.get("lr_scale", 1.0)), int(state.get("rollbacks", 0))
@@ -229,7 +230,9 @@ class Trainer(Divergence, InLoopEvaluation):
                     break
                 start = time.perf_counter()
                 self.train_one_step(bar)
-                if self.step == self.stable_end and self.step < t.max_steps:  # WSD: what a longer run continues from
+                if self.saved_step == self.step:  # a rollback just restored this very checkpoint: keep it as it is
+                    pass
+                elif self.step == self.stable_end and self.step < t.max_steps:  # WSD: what a longer run continues from
                     self.save("decay_start")
                 elif t.save_every and self.step % t.save_every == 0 and self.step < t.max_steps:
                     self.save("interval")

@@ -137,13 +137,14 @@ class MetricsLogger:
         """Forget the records after `step` (a rollback trains those steps again)."""
         if self.enabled:
             self.file.close()
-            self._truncate(step)
+            self._truncate(step, keep_events=True)  # the bad steps' events stay: the report counts them
             self.file = open(self.path, "a")
 
-    def _truncate(self, step: int) -> None:
+    def _truncate(self, step: int, keep_events: bool = False) -> None:
         """Drop records past the checkpoint we resume from (the resumed run writes them again) and any
         damaged line (a partial last line after a power cut); rewritten atomically."""
-        keep = [r for r in parse_metrics(self.path.read_text(errors="replace")) if r.get("step", 0) <= step]
+        keep = [r for r in parse_metrics(self.path.read_text(errors="replace"))
+                if r.get("step", 0) <= step or (keep_events and r.get("type") == "event")]
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
 
     def log(self, kind: str, step: int, **values) -> None:

@@ -52,7 +52,10 @@ def fitting_step(run, batch: tuple[torch.Tensor, torch.Tensor], micro: int, worl
     while True:
         try:
             return run(split_micro(batch, micro)), micro
-        except torch.OutOfMemoryError:
+        except torch.OutOfMemoryError as e:
+            if not getattr(e, "llamaforge_retryable", False):  # in the update itself: the step cannot be redone
+                raise UserError("out of memory in the optimizer step (the model, its gradients and optimizer state "
+                                "do not fit); turn on train.fsdp under torchrun, or use a smaller model") from None
             smaller = smaller_micro(len(batch[0]), micro)
             if world > 1 or smaller is None:
                 raise UserError(f"out of memory with {micro} sequences per forward pass "
@@ -84,12 +87,16 @@ def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=N
     if all_reduce is not None:
         all_reduce(n_total)
     loss_sum = torch.zeros((), device=device)
-    for i, (x, y) in enumerate(micro_batches):
-        with grad_sync(model, enabled=i == len(micro_batches) - 1), autocast():
-            loss = causal_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True), n_total)
-            scaled = loss * world if world > 1 else loss
-            (scaler.scale(scaled) if scaler is not None else scaled).backward()
-        loss_sum += loss.detach()
+    try:
+        for i, (x, y) in enumerate(micro_batches):
+            with grad_sync(model, enabled=i == len(micro_batches) - 1), autocast():
+                loss = causal_loss(model, x.to(device, non_blocking=True), y.to(device, non_blocking=True), n_total)
+                scaled = loss * world if world > 1 else loss
+                (scaler.scale(scaled) if scaler is not None else scaled).backward()
+            loss_sum += loss.detach()
+    except torch.OutOfMemoryError as e:  # before any update: the step can be redone in smaller pieces
+        e.llamaforge_retryable = True
+        raise
     if all_reduce is not None:
         all_reduce(loss_sum)
     if scaler is not None:
@@ -103,7 +110,8 @@ def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=N
         scaler_skipped = scaler.get_scale() < scale  # update() lowers the scale exactly when it skipped
         finite = bool(torch.isfinite(loss_sum))
     elif takes_found_inf(optimizer):  # the skip decided on the device: no host sync before the update
-        bad = (~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))).float()
+        norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
+        bad = (~(torch.isfinite(loss_sum) & torch.isfinite(norm))).float()
         optimizer.found_inf = bad  # fused AdamW skips its update and step count where this is 1; Muon x 0
         try:
             optimizer.step()
