@@ -56,7 +56,7 @@ def build_model(m: ModelConfig, tokenizer: PreTrainedTokenizerBase | None = None
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:
     """Total (tied weights once) and non-embedding (without token embedding and output head)."""
     total = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
-    emb = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
+    emb = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
     embedding = sum(p.numel() for p in model.parameters() if id(p) in emb)
     return {"total": total, "non_embedding": total - embedding}
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from ..model.adapter import forward_logits
+from ..model.io import count_parameters
 from ..model.usercode import ModelCode
 from .registry import Row, Subject, check, max_diff
 
@@ -48,10 +49,7 @@ def count_at(code: ModelCode, fields: dict) -> dict:
     """Total and non-embedding parameters, built on the meta device (no memory, no init)."""
     with torch.device("meta"):
         model = code.model_class(code.make_config(fields))
-    total = sum(p.numel() for p in model.parameters())
-    emb = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
-    embedding = sum(p.numel() for p in model.parameters() if id(p) in emb)
-    return {"total": total, "non_embedding": total - embedding}
+    return count_parameters(model)
 
 
 @check("causal", "attention without a causal mask (a token sees the future: the loss drops, generation is garbage)")
