@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 
 import torch
 
@@ -128,7 +127,3 @@ def position_interpolation(s: Subject) -> Row:
                    f"{d:.2e} from t unscaled: divide the positions (or the frequencies) by "
                    "config.rope_scaling['factor'] when the rotation is computed")
     return Row("position_interpolation", "pass", d)
-
-
-def ln_vocab(s: Subject) -> float:
-    return math.log(s.small["vocab_size"])
