@@ -233,6 +233,20 @@ def muon_step(args) -> dict:
 
 
 @benchmark
+def muon_ns(args) -> dict:
+    """Muon's Newton-Schulz over llama-150m's 84 block matrices, same-shape matrices stacked against one
+    at a time, on CUDA if present else this CPU (benchmarks/optimizer.py; the default follows the device)."""
+    from benchmarks import optimizer
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    r = optimizer.newton_schulz_batching(device, max(3, args.reps), interleaved)
+    print(f"  {r['matrices']} matrices in {r['ns_dtype']} on {r['device']}: one at a time {r['one_at_a_time_ms']} ms, "
+          f"batched {r['batched_ms']} ms; updates differ by {r['update_rel_diff']:.1e} (relative)")
+    return report("muon_ns", 1e3 / r["batched_ms"], 1e3 / r["one_at_a_time_ms"], "Newton-Schulz one matrix at a time",
+                  "steps/s", r)
+
+
+@benchmark
 def muon_ddp(args) -> dict:
     """Muon's Newton-Schulz shared over 2 gloo ranks against every rank doing all (benchmarks/throughput.py)."""
     from benchmarks import throughput

@@ -8,7 +8,8 @@ too (`train.compile_loss`; losses must agree within bf16 tolerance), at a micro-
 card's memory (`plan`); peak memory, tokens/s and MFU are printed (MFU against the GPU's spec peak
 when known, else a labelled measured matmul), then the time split of a step (data wait, forward,
 loss, backward, optimizer) for each, and the fused loss's compiled chunks against eager (loss and
-gradients on llama-150m's head shape). With 2+ GPUs, in fresh processes after this one has released
+gradients on llama-150m's head shape), and Muon's Newton-Schulz batched over same-shape matrices (the GPU
+default) against one at a time (update and time). With 2+ GPUs, in fresh processes after this one has released
 its memory: DDP with the preset's Muon and FSDP2 with AdamW (torchrun, 2 processes) against one GPU
 with twice the accumulation (loss and gradient norm), and a DDP Muon run killed with SIGKILL and
 resumed against the same run uninterrupted. The estimated duration is printed first; every figure
@@ -210,6 +211,27 @@ def loss_kernel_check(pl: Plan, fail: list[str]) -> dict:
     return c
 
 
+def newton_schulz_check(fail: list[str]) -> dict:
+    """Muon's Newton-Schulz over llama-150m's matrices batched (the GPU default) vs one at a time:
+    the update must agree within NS_TOL (relative); the speed-up is recorded."""
+    from benchmarks.__main__ import interleaved
+    from benchmarks.optimizer import newton_schulz_batching
+
+    try:
+        r = newton_schulz_batching(torch.device("cuda"), 5, interleaved)
+    except Exception as e:  # noqa: BLE001
+        fail.append(f"batched Newton-Schulz failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return {}
+    print(f"Muon Newton-Schulz, {r['matrices']} matrices: one at a time {r['one_at_a_time_ms']} ms, batched "
+          f"{r['batched_ms']} ms ({r['batched_speedup']}x); updates differ by {r['update_rel_diff']:.1e} (tol {NS_TOL})")
+    if not r["update_rel_diff"] <= NS_TOL:
+        fail.append(f"batched Newton-Schulz gives another update ({r['update_rel_diff']:.2g} > {NS_TOL})")
+    return {**r, "tolerance": NS_TOL}
+
+
+NS_TOL = 0.05  # relative; bf16 rounding: ~3e-3 (CPU, benchmarks muon_ns); one matrix wrong: ~0.1-1
+
+
 def time_splits(data: str, pl: Plan, fail: list[str]) -> dict:
     """Where the time goes, eager / compiled blocks / compiled blocks and loss."""
     cfg = load_config("llama-150m", overrides=overrides(1, pl.micro_batch))
@@ -265,6 +287,7 @@ def main(argv=None) -> int:
             data = str(Path(tmp) / "data")
             prepare("sample", data, progress=False)
         report["loss_kernels"] = loss_kernel_check(pl, fail)
+        report["newton_schulz"] = newton_schulz_check(fail)
         runs = training_runs(data, Path(tmp), pl, steps, name, fail)
         report["runs"] = {k: {kk: vv for kk, vv in v.items() if kk != "start"} for k, v in runs.items()}
         report["comparisons"] = compare_runs(runs, fail)

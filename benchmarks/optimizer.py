@@ -68,3 +68,47 @@ def run(args, interleaved, report, bench_model: dict) -> dict:
                    "fp32_path_muon_cost_vs_adamw_proxy": round(proxy, 3),
                    "muon_cost_vs_adamw_8192_tokens": round(t["muon_x4"] / t["adamw_x4"], 3),
                    **{f"{k}_s_per_step": round(v, 3) for k, v in t.items()}})
+
+
+def llama_150m_matrices() -> list[tuple[int, int]]:
+    """The shapes Muon trains in llama-150m: per block q, k, v, o (768 x 768), gate and up (2048 x 768),
+    down (768 x 2048); 12 blocks."""
+    return [(768, 768)] * 4 * 12 + [(2048, 768)] * 2 * 12 + [(768, 2048)] * 12
+
+
+def newton_schulz_batching(device: torch.device, reps: int, interleaved) -> dict:
+    """One Muon step over llama-150m's 84 block matrices on `device`: Newton-Schulz one matrix at a
+    time against same-shape matrices stacked (`Muon(batched=True)`). The first step's updates must
+    agree: `update_rel_diff` = |update batched - update one at a time| / |update one at a time|
+    (Frobenius, over all matrices; bf16 rounding gives ~1e-2, a wrong matrix ~1)."""
+    from llamaforge.train.optim import Muon, ns_dtype_for
+
+    gen = torch.Generator(device=device)
+    dtype = ns_dtype_for(device)
+    opts, start = {}, []
+    for batched in (False, True):
+        params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen.manual_seed(i)) * 0.02)
+                  for i, s in enumerate(llama_150m_matrices())]
+        start = [p.detach().clone() for p in params]
+        opts[batched] = Muon(params, ns_dtype=dtype, batched=batched, lr=0.02, momentum=0.95,
+                             adjust_lr_fn="original")
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape, device=device, generator=gen.manual_seed(1000 + i))
+
+    def step(batched: bool):
+        def run():
+            opts[batched].step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        return run
+
+    deltas = {}
+    for b in (False, True):
+        step(b)()
+        deltas[b] = [p.detach() - s for p, s in zip(opts[b].param_groups[0]["params"], start)]
+    diff = sum(float((x - y).float().norm()) ** 2 for x, y in zip(deltas[True], deltas[False])) ** 0.5
+    rel = diff / sum(float(x.float().norm()) ** 2 for x in deltas[False]) ** 0.5
+    t = interleaved({"one_at_a_time": step(False), "batched": step(True)}, 1, reps)
+    return {"device": str(device), "ns_dtype": str(dtype).removeprefix("torch."), "matrices": len(llama_150m_matrices()),
+            "one_at_a_time_ms": round(t["one_at_a_time"] * 1e3, 2), "batched_ms": round(t["batched"] * 1e3, 2),
+            "batched_speedup": round(t["one_at_a_time"] / t["batched"], 3), "update_rel_diff": rel}

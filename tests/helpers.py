@@ -119,7 +119,7 @@ def stories_data(root, n: int):
     return root / "d"
 
 
-def muon_split_worker(rank: int, world: int, port: int, ns_dtype, out: str) -> None:
+def muon_split_worker(rank: int, world: int, port: int, ns_dtype, out: str, batched: bool = False) -> None:
     """One gloo rank of tests/test_recipe.py's split-Newton-Schulz check: the same matrices and
     gradients on every rank, 3 steps of Muon with `split=True`; rank 0 saves the parameters."""
     import os
@@ -132,7 +132,7 @@ def muon_split_worker(rank: int, world: int, port: int, ns_dtype, out: str) -> N
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        params, opt, gen = muon_params(ns_dtype, split=True)
+        params, opt, gen = muon_params(ns_dtype, split=True, batched=batched)
         for _ in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
@@ -143,16 +143,17 @@ def muon_split_worker(rank: int, world: int, port: int, ns_dtype, out: str) -> N
         dist.destroy_process_group()
 
 
-def muon_params(ns_dtype, split: bool = False):
-    """Tall, wide and square matrices (uneven sizes, so the ranks' shares differ) and our Muon on them."""
+def muon_params(ns_dtype, split: bool = False, batched: bool = False):
+    """Tall, wide and square matrices (uneven sizes, so the ranks' shares differ; some of one shape, a
+    tall one the transpose of a wide one) and our Muon on them."""
     import torch
 
     from llamaforge.train.optim import Muon
 
     gen = torch.Generator().manual_seed(0)
-    shapes = [(48, 16), (16, 40), (24, 24), (8, 8), (40, 8)]
+    shapes = [(48, 16), (16, 40), (24, 24), (8, 8), (40, 8), (24, 24), (8, 40), (24, 24)]
     params = [torch.nn.Parameter(torch.randn(*s, generator=gen)) for s in shapes]
-    opt = Muon(params, ns_dtype=ns_dtype, split=split, lr=0.02, weight_decay=0.01, momentum=0.95,
+    opt = Muon(params, ns_dtype=ns_dtype, split=split, batched=batched, lr=0.02, weight_decay=0.01, momentum=0.95,
                adjust_lr_fn="original")
     return params, opt, gen
 
@@ -163,3 +164,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ddp_train_worker(rank: int, world: int, port: int, overrides: list[str], data: str, out: str,
+                     oom_rank: int | None = None, above: int = 1) -> None:
+    """One gloo rank of `pretrain` (the ranks' environment as torchrun sets it); on rank `oom_rank`
+    every forward of more than `above` sequences raises torch.OutOfMemoryError (injected)."""
+    import os
+
+    import torch
+
+    from llamaforge.config import load_config
+    from llamaforge.train import step as step_module
+    from llamaforge.workflows.pretrain import pretrain
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if rank == oom_rank:
+        real = step_module.causal_loss
+
+        def small_memory(model, inputs, *a, **k):
+            if len(inputs) > above:
+                raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+            return real(model, inputs, *a, **k)
+
+        step_module.causal_loss = small_memory
+    pretrain(load_config("tiny", overrides=overrides), data, out, progress=False)

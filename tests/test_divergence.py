@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import dotlist, micro, run_cli, stories_data
+from helpers import ddp_train_worker, dotlist, free_port, micro, run_cli, stories_data
 from llamaforge.config import load_config
 from llamaforge.errors import UserError
 from llamaforge.runs import checkpoints, read_metrics, read_state
@@ -192,6 +192,33 @@ def test_out_of_memory_halves_the_micro_batch_and_redoes_the_step(data, tmp_path
     monkeypatch.setattr(torch.optim.AdamW, "step", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("x")))
     with pytest.raises(UserError, match="out of memory in the optimizer step"):
         pretrain(cfg(*common, "--train.micro_batch", "auto"), data, tmp_path / "opt", progress=False)
+
+
+@pytest.mark.slow  # two 2-process runs: ~40 s
+def test_out_of_memory_on_one_rank_is_redone_by_every_rank_under_ddp(data, tmp_path):
+    """2 gloo ranks, `micro_batch: auto`, out of memory injected on rank 1 only above 1 sequence: both
+    ranks agree (in the step's loss all-reduce), halve twice and train exactly as micro-batch 1 does
+    under DDP's own reduction; rank 0 logs the events; the size that fitted is kept."""
+    common = ["--max-steps", "3", "--save-every", "3", "--batch-tokens", "256"]
+    runs = {}
+    for name, extra, oom in (("auto", ["--train.micro_batch", "auto"], 1), ("one", ["--train.micro_batch", "1"], None)):
+        runs[name] = tmp_path / name
+        torch.multiprocessing.spawn(ddp_train_worker, nprocs=2, args=(
+            2, free_port(), dotlist([*MICRO, *common, *extra]), str(data), str(runs[name]), oom, 1))
+    events = [(r["micro_batch"], r["retry_with"]) for r in read_metrics(runs["auto"]) if r.get("event") == "out_of_memory"]
+    assert events == [(4, 2), (2, 1)]  # 256 tokens / (2 ranks x 32) = 4 sequences per rank
+    a, b = ({r["step"]: r["loss"] for r in read_metrics(p) if r["type"] == "train"} for p in runs.values())
+    assert sorted(a) == [1, 2, 3] and all(abs(a[s] - b[s]) < 1e-5 for s in a), (a, b)
+    assert read_state(checkpoints(runs["auto"])[-1])["micro_batch"] == 1
+
+
+def test_auto_micro_batch_under_fsdp_is_refused_before_any_work():
+    from llamaforge.train.checks import check_runnable
+
+    fsdp, ddp = cfg("--train.micro_batch", "auto", "--train.fsdp", "true"), cfg("--train.micro_batch", "auto")
+    with pytest.raises(UserError, match="micro_batch auto with train.fsdp"):
+        check_runnable(fsdp, fsdp.model, 2)
+    check_runnable(ddp, ddp.model, 2)  # DDP: the ranks agree
 
 
 def test_a_run_with_no_finite_step_publishes_nothing(data, tmp_path, monkeypatch):

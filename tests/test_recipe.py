@@ -110,14 +110,15 @@ def test_our_muon_is_torchs_muon_with_newton_schulz_in_the_fast_dtype():
 
 def test_muon_shares_newton_schulz_over_ranks_out_by_cost_and_gathers_it_exactly(tmp_path):
     """2 gloo processes, each orthogonalizing its share of the matrices: parameters and state dict
-    equal (bit for bit) to one process doing all of them, in fp32 and bf16."""
+    equal (bit for bit) to one process doing all of them, in fp32 and bf16, one matrix at a time and
+    batched (the GPU's way: each rank stacks its share's same-shape matrices)."""
     assert optim.owners([(64, 64), (8, 8), (8, 8), (32, 32)], 2) == [0, 1, 1, 1]  # 262k vs 33k + 1k + 1k
     assert sorted(set(optim.owners([(4, 4)] * 6, 3))) == [0, 1, 2]
-    for ns_dtype in (torch.float32, torch.bfloat16):
-        out = tmp_path / f"{ns_dtype}.pt"
-        torch.multiprocessing.spawn(muon_split_worker, args=(2, free_port(), ns_dtype, str(out)), nprocs=2)
+    for ns_dtype, batched in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
+        out = tmp_path / f"{ns_dtype}-{batched}.pt"
+        torch.multiprocessing.spawn(muon_split_worker, args=(2, free_port(), ns_dtype, str(out), batched), nprocs=2)
         *split, state = torch.load(out)
-        params, opt, gen = muon_params(ns_dtype)
+        params, opt, gen = muon_params(ns_dtype, batched=batched)
         for _ in range(3):
             for p in params:
                 p.grad = torch.randn(p.shape, generator=gen)
@@ -126,6 +127,30 @@ def test_muon_shares_newton_schulz_over_ranks_out_by_cost_and_gathers_it_exactly
             assert torch.equal(p.detach(), q)
         for k, v in opt.state_dict()["state"].items():
             assert torch.equal(v["momentum_buffer"], state["state"][k]["momentum_buffer"])
+
+
+def test_batched_newton_schulz_is_the_same_update_and_skips_on_the_device():
+    """Same-shape matrices (a tall one as its transpose) stacked: the same momentum bit for bit, the
+    same parameters within the rounding of the Newton-Schulz dtype; a step flagged found_inf changes
+    nothing; the GPU batches, the CPU does not (benchmarks muon_ns measured it slower here)."""
+    assert optim.same_shapes([(48, 16), (16, 40), (24, 24), (40, 16), (16, 48)]) == [[0, 4], [1, 3], [2]]
+    assert optim.batch_newton_schulz(torch.device("cuda", 0)) and not optim.batch_newton_schulz(torch.device("cpu"))
+    for ns_dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-3)):
+        (one, opt_one, gen), (many, opt_many, _) = muon_params(ns_dtype), muon_params(ns_dtype, batched=True)
+        for step in range(3):
+            for p, q in zip(one, many):
+                p.grad = torch.randn(p.shape, generator=gen)
+                q.grad = p.grad.clone()
+            if step == 2:  # a non-finite gradient: skipped on the device by both
+                before = [q.detach().clone() for q in many]
+                opt_one.found_inf = opt_many.found_inf = torch.ones(())
+            opt_one.step()
+            opt_many.step()
+        assert all(torch.equal(b, q.detach()) for b, q in zip(before, many))
+        for p, q in zip(one, many):
+            torch.testing.assert_close(q.detach(), p.detach(), rtol=0, atol=atol)
+        for k, v in opt_one.state_dict()["state"].items():
+            assert torch.equal(v["momentum_buffer"], opt_many.state_dict()["state"][k]["momentum_buffer"])
 
 
 def test_newton_schulz_runs_in_the_dtype_the_hardware_is_fast_in(monkeypatch, small_model):

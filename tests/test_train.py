@@ -376,3 +376,30 @@ def test_stress_sigkill_at_random_moments_then_resume_is_exact(data, tmp_path):
         got = losses(run)
         bad = {s: (got.get(s), want[s]) for s in want if got.get(s) != want[s]}
         assert not bad, f"kill round {i}: steps differ {bad}"
+
+
+def test_the_ranks_votes_ride_in_the_steps_own_all_reduce(small_model):
+    """Under several ranks a step makes exactly two all-reduces (the target count, then loss + votes):
+    the stop vote adds no collective. Two identical ranks stood in by doubling: the loss is the one
+    process's, the votes are summed, the gradients are DDP's average (reduce_gradients)."""
+    from llamaforge.train.optim import build_optimizer
+    from llamaforge.train.step import Ranks, reduce_gradients, train_step
+
+    x = torch.randint(0, 512, (2, 17))
+    batch = [(x[:, :-1], x[:, 1:])]
+    m = small_model().train()
+    one = train_step(m, build_optimizer(m, lr=0.1), batch)
+    calls = []
+
+    def twice(t):  # the sum over two ranks holding the same values
+        calls.append(t.numel())
+        t.mul_(2)
+
+    m = small_model().train()
+    two = train_step(m, build_optimizer(m, lr=0.1), batch, ranks=Ranks(twice, 2, lambda: [0.0, 1.0, 0.0, 0.0]))
+    assert calls == [1, 6] and two.votes == [0.0, 2.0, 0.0, 0.0]
+    assert abs(two.loss - one.loss) < 1e-6 and not one.votes
+    p = torch.nn.Linear(3, 3)
+    p.weight.grad, p.bias.grad = torch.ones(3, 3), torch.full((3,), 3.0)
+    reduce_gradients(p, Ranks(twice, 2), bucket=4)  # buckets of at most 4 elements: 9 alone, then 3
+    assert calls[2:] == [9, 3] and torch.equal(p.weight.grad, torch.ones(3, 3)) and torch.equal(p.bias.grad, torch.full((3,), 3.0))

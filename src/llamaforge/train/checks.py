@@ -31,6 +31,10 @@ def check_runnable(cfg: RunConfig, model_config, world: int) -> None:
     if t.optimizer == "muon" and t.fsdp and world > 1:
         raise UserError("train.optimizer muon with train.fsdp: Muon needs whole matrices and FSDP2 shards them; "
                         "run (or resume) it under DDP (--train.fsdp false), or start with --train.optimizer adamw for FSDP")
+    if t.micro_batch == "auto" and t.fsdp and world > 1:
+        raise UserError("train.micro_batch auto with train.fsdp: FSDP2 gathers weights inside the forward and backward, "
+                        "so the ranks cannot agree to redo a step one of them ran out of memory in; give a number "
+                        "(--train.micro_batch N), or use DDP (--train.fsdp false)")
     if t.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
         raise UserError(f"train.optimizer muon needs torch >= 2.9 (torch.optim.Muon); this is torch {torch.__version__}: "
                         "pip install 'torch>=2.9' (docs/gpu.md), or --train.optimizer adamw")

@@ -12,6 +12,7 @@ reuses one graph, and the state-dict names stay the model's own.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -102,7 +103,12 @@ def wrap(model: torch.nn.Module, d: Dist, fsdp: bool = False, param_dtype: torch
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    # no buffer broadcast before each forward: a model's buffers (RoPE's inv_freq) are built the same on
+    # every rank, and a collective inside the forward would keep ranks from agreeing on an out-of-memory
+    # (torch >= 2.13 names it forward_sync_buffers; broadcast_buffers is deprecated there)
+    quiet = "forward_sync_buffers" in inspect.signature(DDP).parameters
+    return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+               **{"forward_sync_buffers" if quiet else "broadcast_buffers": False})
 
 
 def grad_sync(model: torch.nn.Module, enabled: bool):

@@ -38,9 +38,9 @@ from .metrics import MetricsLogger, device_name, peak_flops, peak_memory_gb, tra
 from .divergence import Divergence, Health
 from .optim import describe_recipe, lr_values, optimizer_for
 from .schedules import build_scheduler, decay_start
-from .preempt import SIGNALS, StopFlag, Stopped
+from .preempt import STOP_CODES, StopFlag, Stopped
 from .precision import choose as choose_precision
-from .step import fitting_step, train_step
+from .step import Ranks, fitting_step, train_step
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,7 @@ class Trainer(Divergence, InLoopEvaluation):
         self.health = Health(self.t.spike_factor, self.t.max_bad_steps)
         self.lr_scale, self.rollbacks, self.lr_change = 1.0, 0, None  # rollbacks halve the LR (divergence.py)
         self.slowest_step_s, self.slowest_save_s, self.steps_here = 0.0, 0.0, 0  # for train.time_limit
+        self.agreed_stop: str | None = None  # several ranks: the stop they agreed on in the last step
         self.saved_step: int | None = None  # the step of the checkpoint on disk that this process wrote or resumed
         state = self.load_weights(usable)
         self.build()
@@ -245,23 +246,35 @@ class Trainer(Divergence, InLoopEvaluation):
         return self.finish(stopped)
 
     def stop_reason(self) -> str | None:
-        """Whether to stop before the next step, agreed by every rank (one small all-reduce)."""
+        """Whether to stop before the next step: this process's flag, or under several ranks what they
+        agreed on in the last step (each rank's `stop_vote` travels in the step's loss all-reduce)."""
+        return self.flag.reason(2 * self.slowest_step_s, 2 * self.slowest_save_s) if self.d.world == 1 \
+            else self.agreed_stop
+
+    def stop_vote(self) -> list[float]:
+        """This rank's reason to stop as a one-hot over STOP_CODES (summed over the ranks: the last
+        code with a vote wins), cast once the step's backward is done."""
         mine = self.flag.reason(2 * self.slowest_step_s, 2 * self.slowest_save_s)
+        return [float(mine == code) for code in STOP_CODES]
+
+    def ranks(self) -> Ranks | None:
+        """How a step meets the other ranks; `micro_batch: auto` under DDP reduces the gradients after
+        the backward so that an out-of-memory on one rank is redone by all (FSDP2 is refused that)."""
         if self.d.world == 1:
-            return mine
-        codes = [None, *SIGNALS, "time limit"]  # the largest code wins
-        code = torch.tensor([codes.index(mine) if mine in codes else 0], device=self.d.device)
-        self.d.all_reduce(code, max_op=True)
-        return codes[int(code)]
+            return None
+        return Ranks(self.d.all_reduce, self.d.world, self.stop_vote,
+                     agree_on_oom=self.t.micro_batch == "auto" and not self.sharded)
 
     def train_one_step(self, bar) -> None:
         t = self.t
         start = time.perf_counter()  # the batch's loading counts (a slow filesystem shows in tokens/s)
         batch = self.batches.next_batch()  # read ahead during the previous step; the wait counts
+        ranks = self.ranks()
         stats, self.micro_batch = fitting_step(
-            lambda micro: train_step(self.wrapped, self.optimizer, micro, t.grad_clip, self.d.device,
-                                     self.d.all_reduce if self.d.world > 1 else None, self.d.world, self.precision,
-                                     self.scaler), batch, self.micro_batch, self.d.world, self.out_of_memory)
+            lambda micro: train_step(self.wrapped, self.optimizer, micro, t.grad_clip, self.d.device, ranks,
+                                     self.precision, self.scaler), batch, self.micro_batch, self.out_of_memory)
+        if stats.votes:
+            self.agreed_stop = next((c for c, n in reversed(list(zip(STOP_CODES, stats.votes))) if n > 0), None)
         lrs = lr_values(self.optimizer)  # the LRs this step used, by group kind (lr; muon_lr)
         self.scheduler.step()
         self.step += 1

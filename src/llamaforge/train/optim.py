@@ -45,18 +45,44 @@ def ns_dtype_for(device: torch.device, requested: str = "auto") -> torch.dtype:
 def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
                   dtype: torch.dtype) -> torch.Tensor:
     """The quintic Newton-Schulz orthogonalization of torch.optim.Muon (Keller Jordan's), in `dtype`:
-    with bf16 it is torch's computation operation for operation (tests/test_recipe.py checks it)."""
+    with bf16 it is torch's computation operation for operation (tests/test_recipe.py checks it).
+    `g`: one matrix (m, n), or a stack (k, m, n) of same-shape matrices done together (batched)."""
     a, b, c = coefficients
-    x = g.to(dtype)
-    tall = g.size(0) > g.size(1)
+    x = g.to(dtype, copy=True)  # never the caller's tensor (a momentum buffer) divided in place
+    tall = g.size(-2) > g.size(-1)
     if tall:
-        x = x.T  # (m, n) with m <= n: the Gram matrix x @ x.T is the small one
-    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+        x = x.mT  # (m, n) with m <= n: the Gram matrix x @ x.T is the small one
+    if x.dim() == 2:
+        x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+        mm = torch.addmm
+    else:
+        x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)
+        mm = torch.baddbmm
     for _ in range(steps):
-        gram = x @ x.T  # (m, m)
-        update = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, update, x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT  # (m, m)
+        update = mm(gram, gram, gram, beta=b, alpha=c)
+        x = mm(x, update, x, beta=a)
+    return x.mT if tall else x
+
+
+def same_shapes(shapes) -> list[list[int]]:
+    """Indices of matrices that can be orthogonalized as one stack: the same (short, long) sides
+    (a tall matrix counts as its transpose: gate/up (f, h) go with down (h, f)), in first-seen order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(shapes):
+        groups.setdefault((min(s), max(s)), []).append(i)
+    return list(groups.values())
+
+
+def orthogonalize(mats: list[torch.Tensor], group: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Newton-Schulz of same-shape matrices as one stack (one kernel per operation for all of them);
+    a lone matrix on its own, exactly as torch does it."""
+    args = (group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+    if len(mats) == 1:
+        return [newton_schulz(mats[0], *args)]
+    wide = [m.size(0) <= m.size(1) for m in mats]
+    done = newton_schulz(torch.stack([(m if w else m.T).to(dtype) for m, w in zip(mats, wide)]), *args)
+    return [x if w else x.T for x, w in zip(done, wide)]
 
 
 _TorchMuon = getattr(torch.optim, "Muon", torch.optim.Optimizer)  # torch < 2.9 has none: loop.check_runnable refuses
@@ -78,40 +104,51 @@ class Muon(_TorchMuon):
     result is bit for bit the one-rank update; every rank still keeps every momentum buffer, so the
     state dict (saved by rank 0) is unchanged."""
 
-    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, split: bool = False, **kw):
+    def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, split: bool = False, batched: bool = False,
+                 **kw):
         super().__init__(params, **kw)
-        self.ns_dtype, self.split = ns_dtype, split
+        self.ns_dtype, self.split, self.batched = ns_dtype, split, batched
 
     @torch.no_grad()
     def step(self, closure=None):
         """`self.found_inf` (a 0-dim device flag, set by train/step.py like GradScaler sets fused
         AdamW's): 1 skips this update on the device (momentum kept, no decay, update x 0), so the
-        host need not wait for the gradients to decide."""
+        host need not wait for the gradients to decide. `batched`: same-shape matrices go through
+        Newton-Schulz as one stack (`same_shapes`: ~25 kernels per shape, not per matrix)."""
         rank, world = _rank_world() if self.split else (0, 1)
         flag = getattr(self, "found_inf", None)
         ok = None if flag is None else flag == 0
         for group in self.param_groups:
             params, grads, bufs = [], [], []
             self._init_group(group, params, grads, bufs)
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            owner = owners([p.shape for p in params], world)
-            updates = []
-            for i, (p, g, buf) in enumerate(zip(params, grads, bufs)):
-                if ok is not None:  # a skipped step leaves the momentum as it was (g may be NaN)
-                    g = torch.where(ok, g, buf)
-                buf.lerp_(g, 1 - mu)
-                update = g.lerp(buf, mu) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"],
-                                       self.ns_dtype) if owner[i] == rank else None
-                if world == 1:  # applied at once: no matrix of updates is held
-                    _apply(p, update, lr, wd, group["adjust_lr_fn"], ok)
-                else:
-                    updates.append(update)
+            lr, wd = group["lr"], group["weight_decay"]
+            shapes = [p.shape for p in params]
+            owner = owners(shapes, world)
+            updates: list = [None] * len(params)
+            for idx in same_shapes(shapes) if self.batched else [[i] for i in range(len(params))]:
+                moments = [_momentum(grads[i], bufs[i], group, ok) for i in idx]  # every rank keeps every buffer
+                mine = [i for i in idx if owner[i] == rank]
+                if mine:
+                    done = orthogonalize([m for i, m in zip(idx, moments) if owner[i] == rank], group, self.ns_dtype)
+                    for i, u in zip(mine, done):
+                        updates[i] = u
+                if world == 1:  # applied at once: only this shape's updates are held
+                    for i in idx:
+                        _apply(params[i], updates[i], lr, wd, group["adjust_lr_fn"], ok)
+                        updates[i] = None
             if world > 1:
-                updates = all_gather_updates(updates, [p.shape for p in params], owner, rank, world, self.ns_dtype,
-                                             params[0].device)
+                updates = all_gather_updates(updates, shapes, owner, rank, world, self.ns_dtype, params[0].device)
                 for p, update in zip(params, updates):
                     _apply(p, update, lr, wd, group["adjust_lr_fn"], ok)
+
+
+def _momentum(g: torch.Tensor, buf: torch.Tensor, group: dict, ok: torch.Tensor | None) -> torch.Tensor:
+    """torch's momentum step: the buffer updated in place, the (Nesterov) update returned (`ok`
+    False: a skipped step leaves the momentum as it was; g may be NaN)."""
+    if ok is not None:
+        g = torch.where(ok, g, buf)
+    buf.lerp_(g, 1 - group["momentum"])
+    return g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
 
 
 def _apply(p, update, lr: float, wd: float, adjust_lr_fn, ok: torch.Tensor | None = None) -> None:
@@ -165,6 +202,13 @@ def all_gather_updates(updates, shapes, owner, rank: int, world: int, dtype: tor
     return out
 
 
+def batch_newton_schulz(device: torch.device) -> bool:
+    """Newton-Schulz over same-shape matrices as one stack on a GPU, where ~25 small kernels per
+    matrix leave it waiting on Python (llama-150m: 84 matrices, 2 shapes); one at a time on a CPU,
+    which is compute-bound (`python -m benchmarks muon_ns`: 0.97-1.28x the time batched, this CPU)."""
+    return device.type == "cuda"
+
+
 def _adamw(groups, lr, betas, device) -> torch.optim.AdamW:
     fused = device.type in ("cuda", "cpu")  # one kernel for all parameters (faster than foreach here)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=fused)
@@ -194,8 +238,8 @@ def build_optimizer(model: torch.nn.Module, lr: float, weight_decay: float = 0.1
     if not hidden:
         return adamw
     muon = Muon([{"params": hidden, "lr_name": "muon_lr"}], ns_dtype=ns_dtype_for(device, muon_ns_dtype),
-                split=muon_split, lr=muon_lr, weight_decay=muon_weight_decay, momentum=muon_momentum,
-                adjust_lr_fn="original")
+                split=muon_split, batched=batch_newton_schulz(device), lr=muon_lr, weight_decay=muon_weight_decay,
+                momentum=muon_momentum, adjust_lr_fn="original")
     return MuonWithAdamW(muon, adamw)
 
 
