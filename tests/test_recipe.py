@@ -134,6 +134,7 @@ def test_batched_newton_schulz_is_the_same_update_and_skips_on_the_device():
     same parameters within the rounding of the Newton-Schulz dtype; a step flagged found_inf changes
     nothing; the GPU batches, the CPU does not (benchmarks muon_ns measured it slower here)."""
     assert optim.same_shapes([(48, 16), (16, 40), (24, 24), (40, 16), (16, 48)]) == [[0, 4], [1, 3], [2]]
+    assert optim.same_shapes([(8, 8)] * 5 + [(4, 4)], limit=128) == [[0, 1], [2, 3], [4], [5]]  # stacks bounded
     assert optim.batch_newton_schulz(torch.device("cuda", 0)) and not optim.batch_newton_schulz(torch.device("cpu"))
     for ns_dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-3)):
         (one, opt_one, gen), (many, opt_many, _) = muon_params(ns_dtype), muon_params(ns_dtype, batched=True)

@@ -65,13 +65,21 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
     return x.mT if tall else x
 
 
-def same_shapes(shapes) -> list[list[int]]:
+STACK_ELEMENTS = 1 << 26  # at most 64M elements per stack (256 MB of fp32 momenta): bounded at any model size
+
+
+def same_shapes(shapes, limit: int = STACK_ELEMENTS) -> list[list[int]]:
     """Indices of matrices that can be orthogonalized as one stack: the same (short, long) sides
-    (a tall matrix counts as its transpose: gate/up (f, h) go with down (h, f)), in first-seen order."""
+    (a tall matrix counts as its transpose: gate/up (f, h) go with down (h, f)), in first-seen order,
+    each stack at most `limit` elements (a 7B model's 128 attention matrices would be 8.6 GB at once)."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, s in enumerate(shapes):
         groups.setdefault((min(s), max(s)), []).append(i)
-    return list(groups.values())
+    out = []
+    for (m, n), idx in groups.items():
+        per = max(1, limit // (m * n))
+        out += [idx[k : k + per] for k in range(0, len(idx), per)]
+    return out
 
 
 def orthogonalize(mats: list[torch.Tensor], group: dict, dtype: torch.dtype) -> list[torch.Tensor]:
