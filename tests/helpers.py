@@ -167,12 +167,19 @@ def free_port() -> int:
 
 
 def ddp_train_worker(rank: int, world: int, port: int, overrides: list[str], data: str, out: str,
-                     oom_rank: int | None = None, above: int = 1) -> None:
+                     oom_rank: int | None = None, above: int = 1, sigterm_in_validation: int | None = None) -> None:
     """One gloo rank of `pretrain` (the ranks' environment as torchrun sets it); on rank `oom_rank`
-    every forward of more than `above` sequences raises torch.OutOfMemoryError (injected)."""
+    every forward of more than `above` sequences raises torch.OutOfMemoryError (injected); rank 1
+    sends itself SIGTERM as validation starts after step `sigterm_in_validation` (then writes
+    the step it stopped at to OUT.stopped)."""
     import os
+    import signal
+    from pathlib import Path
 
     import torch
+
+    from llamaforge.train.bench import InLoopEvaluation
+    from llamaforge.train.preempt import Stopped
 
     from llamaforge.config import load_config
     from llamaforge.train import step as step_module
@@ -190,4 +197,16 @@ def ddp_train_worker(rank: int, world: int, port: int, overrides: list[str], dat
             return real(model, inputs, *a, **k)
 
         step_module.causal_loss = small_memory
-    pretrain(load_config("tiny", overrides=overrides), data, out, progress=False)
+    if rank == 1 and sigterm_in_validation is not None:
+        real_validation = InLoopEvaluation.validate_and_sample
+
+        def signalled(self):
+            if self.step == sigterm_in_validation:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return real_validation(self)
+
+        InLoopEvaluation.validate_and_sample = signalled
+    try:
+        pretrain(load_config("tiny", overrides=overrides), data, out, progress=False)
+    except Stopped as e:
+        Path(f"{out}.stopped").write_text(str(e.step))

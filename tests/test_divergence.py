@@ -212,6 +212,20 @@ def test_out_of_memory_on_one_rank_is_redone_by_every_rank_under_ddp(data, tmp_p
     assert read_state(checkpoints(runs["auto"])[-1])["micro_batch"] == 1
 
 
+@pytest.mark.slow  # one 2-process run: ~20 s
+def test_a_sigterm_during_validation_under_ddp_saves_before_another_step(data, tmp_path):
+    """Rank 1 alone is signalled as validation after step 2 starts: both ranks abandon it, vote before
+    the next step (validation ran since the vote in the step's all-reduce) and save step 2."""
+    run = tmp_path / "r"
+    torch.multiprocessing.spawn(ddp_train_worker, nprocs=2, args=(
+        2, free_port(), dotlist([*MICRO, "--max-steps", "6", "--eval-every", "1"]),
+        str(data), str(run), None, 1, 2))
+    assert (tmp_path / "r.stopped").read_text() == "2"
+    assert [p.name for p in checkpoints(run)] == ["step_2"]
+    assert max(r["step"] for r in read_metrics(run) if r["type"] == "train") == 2
+    assert any(r.get("event") == "abandoned" for r in read_metrics(run))
+
+
 def test_auto_micro_batch_under_fsdp_is_refused_before_any_work():
     from llamaforge.train.checks import check_runnable
 

@@ -181,6 +181,7 @@ def _losses(run) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run) if r["type"] == "train"}
 
 
+@pytest.mark.slow  # ~30-40 s: three 30-step runs of the example; CI runs the slow tier
 def test_the_example_trains_with_a_falling_loss_and_resumes_exactly_after_sigkill(data, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     args = ("--max-steps", 30, "--save-every", 10, "--eval-every", 15)

@@ -89,6 +89,7 @@ class InLoopEvaluation:
         """Validation loss and bits per byte (windows split over DDP ranks), and the sample: eager even
         when the blocks are compiled (no-grad forwards and the growing KV cache would each need graphs
         of their own, past dynamo's recompile limit), TF32 matmuls for fp32 on CUDA."""
+        self.vote_stale = True  # a stop signalled meanwhile is voted on before the next step (loop.stop_reason)
         with torch.compiler.set_stance("force_eager"), tf32_matmuls(self.d.device, self.precision.name == "fp32"), \
                 abandon_on_stop(self.eval_model, self.flag, not self.sharded):
             self.validate_and_sample()
@@ -124,6 +125,7 @@ class InLoopEvaluation:
     def score_tasks(self) -> None:
         """train.eval_tasks through lm-eval: on the main rank (DDP; the others wait), on every rank
         under FSDP (each forward gathers the weights); one `bench` row."""
+        self.vote_stale = True
         if self.d.main or self.sharded:
             try:
                 with abandon_on_stop(self.eval_model, self.flag, not self.sharded):

@@ -85,10 +85,17 @@ def fsdp_param_dtype(precision) -> torch.dtype | None:
     return precision.dtype if precision.name in ("bf16", "fp16") else None
 
 
-def wrap(model: torch.nn.Module, d: Dist, fsdp: bool = False, param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, d: Dist, fsdp: bool = False, param_dtype: torch.dtype | None = None,
+         by_hand: bool = False) -> torch.nn.Module:
     """DDP, or FSDP2 with `param_dtype` (bf16, or fp16 on T4/V100) for the gathered weights the blocks
-    compute with, gradients reduced in fp32, and fp32 shards kept for the optimizer."""
+    compute with, gradients reduced in fp32, and fp32 shards kept for the optimizer. `by_hand`: no
+    wrapper (rank 0's weights broadcast once); the step averages the gradients itself after the whole
+    backward (train/step.reduce_gradients: `micro_batch: auto`, whose ranks agree on out-of-memory first)."""
     if d.world == 1:
+        return model
+    if by_hand:
+        for t in (*model.parameters(), *model.buffers()):
+            dist.broadcast(t.data, src=0)
         return model
     if fsdp:
         try:  # torch >= 2.6

@@ -109,6 +109,7 @@ class Trainer(Divergence, InLoopEvaluation):
         self.lr_scale, self.rollbacks, self.lr_change = 1.0, 0, None  # rollbacks halve the LR (divergence.py)
         self.slowest_step_s, self.slowest_save_s, self.steps_here = 0.0, 0.0, 0  # for train.time_limit
         self.agreed_stop: str | None = None  # several ranks: the stop they agreed on in the last step
+        self.vote_stale = True  # work ran since that vote (validation, scoring, a save): vote again
         self.saved_step: int | None = None  # the step of the checkpoint on disk that this process wrote or resumed
         state = self.load_weights(usable)
         self.build()
@@ -148,7 +149,9 @@ class Trainer(Divergence, InLoopEvaluation):
         if is_builtin(self.model):  # a user's model computes its logits; the loss is the adapter's
             self.model.compiled_loss = self.compiled.loss
         self.sharded = t.fsdp and d.world > 1
-        self.wrapped = wrap(self.model, d, t.fsdp, fsdp_param_dtype(self.precision))
+        # micro_batch auto under DDP: the ranks agree on an out-of-memory before reducing by hand (step.py)
+        self.agree_on_oom = t.micro_batch == "auto" and d.world > 1 and not self.sharded
+        self.wrapped = wrap(self.model, d, t.fsdp, fsdp_param_dtype(self.precision), by_hand=self.agree_on_oom)
         self.eval_model = unwrap(self.wrapped)
         # FSDP2 replaces parameters: the optimizer is built after wrapping
         self.optimizer = optimizer_for(self.wrapped, t, d.device, split=d.world > 1)  # DDP (Muon refuses FSDP2)
@@ -246,10 +249,21 @@ class Trainer(Divergence, InLoopEvaluation):
         return self.finish(stopped)
 
     def stop_reason(self) -> str | None:
-        """Whether to stop before the next step: this process's flag, or under several ranks what they
-        agreed on in the last step (each rank's `stop_vote` travels in the step's loss all-reduce)."""
-        return self.flag.reason(2 * self.slowest_step_s, 2 * self.slowest_save_s) if self.d.world == 1 \
-            else self.agreed_stop
+        """Whether to stop before the next step: this process's flag; under several ranks what they
+        agreed on in the last step (each rank's `stop_vote` travels in the step's loss all-reduce), or
+        a vote of its own when validation, scoring or a save ran since (the same on every rank)."""
+        if self.d.world == 1:
+            return self.flag.reason(2 * self.slowest_step_s, 2 * self.slowest_save_s)
+        if self.vote_stale:
+            votes = torch.tensor(self.stop_vote(), device=self.d.device)
+            self.d.all_reduce(votes)
+            self.agree_stop(votes.tolist())
+        return self.agreed_stop
+
+    def agree_stop(self, votes: list[float]) -> None:
+        """The ranks' summed one-hot votes -> the agreed reason (the last code voted for), or None."""
+        self.agreed_stop = next((c for c, n in reversed(list(zip(STOP_CODES, votes))) if n > 0), None)
+        self.vote_stale = False
 
     def stop_vote(self) -> list[float]:
         """This rank's reason to stop as a one-hot over STOP_CODES (summed over the ranks: the last
@@ -262,8 +276,7 @@ class Trainer(Divergence, InLoopEvaluation):
         the backward so that an out-of-memory on one rank is redone by all (FSDP2 is refused that)."""
         if self.d.world == 1:
             return None
-        return Ranks(self.d.all_reduce, self.d.world, self.stop_vote,
-                     agree_on_oom=self.t.micro_batch == "auto" and not self.sharded)
+        return Ranks(self.d.all_reduce, self.d.world, self.stop_vote, self.agree_on_oom)
 
     def train_one_step(self, bar) -> None:
         t = self.t
@@ -274,7 +287,7 @@ class Trainer(Divergence, InLoopEvaluation):
             lambda micro: train_step(self.wrapped, self.optimizer, micro, t.grad_clip, self.d.device, ranks,
                                      self.precision, self.scaler), batch, self.micro_batch, self.out_of_memory)
         if stats.votes:
-            self.agreed_stop = next((c for c, n in reversed(list(zip(STOP_CODES, stats.votes))) if n > 0), None)
+            self.agree_stop(stats.votes)
         lrs = lr_values(self.optimizer)  # the LRs this step used, by group kind (lr; muon_lr)
         self.scheduler.step()
         self.step += 1
@@ -314,6 +327,7 @@ class Trainer(Divergence, InLoopEvaluation):
     def save(self, tag: str) -> None:
         """An atomic checkpoint of this step (FSDP: gathered on every rank, written by the main one)."""
         start = time.perf_counter()
+        self.vote_stale = True  # a stop signalled meanwhile is voted on before the next step
         bad = torch.tensor([float(bool(nonfinite_parameters(self.wrapped)))], device=self.d.device)
         self.d.all_reduce(bad)  # every rank agrees (FSDP: each checks its shard)
         if float(bad) > 0:  # never written: a NaN checkpoint would rotate the healthy ones away

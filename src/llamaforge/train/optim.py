@@ -48,7 +48,7 @@ def newton_schulz(g: torch.Tensor, coefficients: tuple[float, float, float], ste
     with bf16 it is torch's computation operation for operation (tests/test_recipe.py checks it).
     `g`: one matrix (m, n), or a stack (k, m, n) of same-shape matrices done together (batched)."""
     a, b, c = coefficients
-    x = g.to(dtype, copy=True)  # never the caller's tensor (a momentum buffer) divided in place
+    x = g.to(dtype, copy=g.dim() == 2)  # never the caller's tensor (a momentum buffer) divided in place
     tall = g.size(-2) > g.size(-1)
     if tall:
         x = x.mT  # (m, n) with m <= n: the Gram matrix x @ x.T is the small one
@@ -109,7 +109,8 @@ class Muon(_TorchMuon):
     gradients, so instead of each rank orthogonalizing all matrices, rank r orthogonalizes its
     share (`owners`: matrices dealt out by cost) and one all-gather hands every rank the others'
     (modded-nanogpt's and torchtitan's way). The same computation runs on the same input, so the
-    result is bit for bit the one-rank update; every rank still keeps every momentum buffer, so the
+    result is bit for bit the one-rank update (stacked, a rank's stacks hold only its share: on a GPU
+    equal within rounding; every rank applies the same gathered bytes either way); every rank still keeps every momentum buffer, so the
     state dict (saved by rank 0) is unchanged."""
 
     def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, split: bool = False, batched: bool = False,

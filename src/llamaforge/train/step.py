@@ -68,8 +68,8 @@ def fitting_step(run, batch: tuple[torch.Tensor, torch.Tensor], micro: int, on_s
             if not e.redo or smaller is None:
                 raise UserError(f"out of memory with {micro} sequences per forward pass "
                                 f"({'the smallest possible' if smaller is None else 'under several processes'}); "
-                                + (f"set --train.micro_batch {smaller} and run the same command (it resumes; under "
-                                   "DDP, --train.micro_batch auto redoes such a step)" if smaller else "lower train.seq_len, turn on "
+                                + (f"set --train.micro_batch {smaller} and run the same command (it resumes; "
+                                   "--train.micro_batch auto redoes such a step, except under FSDP2)" if smaller else "lower train.seq_len, turn on "
                                    "train.activation_checkpointing or train.fsdp")) from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
