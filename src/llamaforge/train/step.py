@@ -69,8 +69,9 @@ def fitting_step(run, batch: tuple[torch.Tensor, torch.Tensor], micro: int, on_s
                 raise UserError(f"out of memory with {micro} sequences per forward pass "
                                 f"({'the smallest possible' if smaller is None else 'under several processes'}); "
                                 + (f"set --train.micro_batch {smaller} and run the same command (it resumes; "
-                                   "--train.micro_batch auto redoes such a step, except under FSDP2)" if smaller else "lower train.seq_len, turn on "
-                                   "train.activation_checkpointing or train.fsdp")) from None
+                                   "--train.micro_batch auto redoes such a step, except under FSDP2)" if smaller
+                                   else "lower train.seq_len, turn on train.activation_checkpointing or train.fsdp")
+                                ) from None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             on_smaller(micro, smaller)
@@ -133,10 +134,12 @@ def train_step(model, optimizer, micro_batches, grad_clip: float = 1.0, device=N
                 (scaler.scale(scaled) if scaler is not None else scaled).backward()
             loss_sum += loss.detach()
     except torch.OutOfMemoryError:  # before any update: the step can be redone in smaller pieces
-        if not agree:
-            raise StepOutOfMemory(redo=ranks is None) from None
         out_of_memory = True
+    if out_of_memory:  # outside the handler: the error's frames, and the activations they hold, are gone
+        loss = scaled = None
         optimizer.zero_grad(set_to_none=True)
+        if not agree:
+            raise StepOutOfMemory(redo=ranks is None)
     votes = None
     if ranks is not None:
         mine = ranks.vote() if ranks.vote else []
