@@ -119,26 +119,26 @@ def stories_data(root, n: int):
     return root / "d"
 
 
-def muon_split_worker(rank: int, world: int, port: int, ns_dtype, out: str, batched: bool = False) -> None:
-    """One gloo rank of tests/test_recipe.py's split-Newton-Schulz check: the same matrices and
-    gradients on every rank, 3 steps of Muon with `split=True`; rank 0 saves the parameters."""
+def muon_split_worker(rank: int, world: int, port: int, cases: list) -> None:
+    """One gloo rank of tests/test_recipe.py's split-Newton-Schulz check, for each (ns_dtype, batched,
+    out) of `cases`: the same matrices and gradients on every rank, 3 steps of Muon with `split=True`;
+    rank 0 saves the parameters to `out`."""
     import os
 
     import torch
     import torch.distributed as dist
 
-    from llamaforge.train.optim import Muon
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        params, opt, gen = muon_params(ns_dtype, split=True, batched=batched)
-        for _ in range(3):
-            for p in params:
-                p.grad = torch.randn(p.shape, generator=gen)
-            opt.step()
-        if rank == 0:
-            torch.save([p.detach() for p in params] + [opt.state_dict()], out)
+        for ns_dtype, batched, out in cases:
+            params, opt, gen = muon_params(ns_dtype, split=True, batched=batched)
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=gen)
+                opt.step()
+            if rank == 0:
+                torch.save([p.detach() for p in params] + [opt.state_dict()], out)
     finally:
         dist.destroy_process_group()
 

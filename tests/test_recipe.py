@@ -114,9 +114,10 @@ def test_muon_shares_newton_schulz_over_ranks_out_by_cost_and_gathers_it_exactly
     batched (the GPU's way: each rank stacks its share's same-shape matrices)."""
     assert optim.owners([(64, 64), (8, 8), (8, 8), (32, 32)], 2) == [0, 1, 1, 1]  # 262k vs 33k + 1k + 1k
     assert sorted(set(optim.owners([(4, 4)] * 6, 3))) == [0, 1, 2]
-    for ns_dtype, batched in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)):
-        out = tmp_path / f"{ns_dtype}-{batched}.pt"
-        torch.multiprocessing.spawn(muon_split_worker, args=(2, free_port(), ns_dtype, str(out), batched), nprocs=2)
+    cases = [(dtype, batched, str(tmp_path / f"{dtype}-{batched}.pt"))
+             for dtype, batched in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True))]
+    torch.multiprocessing.spawn(muon_split_worker, args=(2, free_port(), cases), nprocs=2)  # one launch for all
+    for ns_dtype, batched, out in cases:
         *split, state = torch.load(out)
         params, opt, gen = muon_params(ns_dtype, batched=batched)
         for _ in range(3):
