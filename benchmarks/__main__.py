@@ -234,7 +234,7 @@ def muon_step(args) -> dict:
 
 @benchmark
 def muon_ns(args) -> dict:
-    """Muon's Newton-Schulz over llama-150m's 84 block matrices, same-shape matrices stacked against one
+    """Muon's Newton-Schulz over llama-150m's 112 block matrices, same-shape matrices stacked against one
     at a time, on CUDA if present else this CPU (benchmarks/optimizer.py; the default follows the device)."""
     from benchmarks import optimizer
 

@@ -19,7 +19,7 @@ H100_TOKENS_S = {"eager": 150_761, "compile": 248_013}  # measured, bf16, micro-
 H100_TFLOPS = 989.0
 COMPILE_S = 90.0  # an estimate: the first compiled step of llama-150m with a cold inductor cache
 WARM_COMPILE_S = 20.0  # an estimate: the same graphs again (cache hits), in the later compiled runs
-NS_CHECK_S = 10.0  # an estimate: Muon's Newton-Schulz batched vs one at a time, 12 steps of 84 matrices
+NS_CHECK_S = 10.0  # an estimate: Muon's Newton-Schulz batched vs one at a time, 14 steps of 112 matrices
 SETUP_S = 60.0  # an estimate: imports, the sample corpus prepared, the CUDA context, per training process
 RUNS = (("eager", "false", "false", "auto"), ("compile", "true", "false", "auto"), ("compile+loss", "true", "true", "auto"))
 # Two runs' losses agree when every step is within STEP_TOL nats and the mean of the last LAST steps

@@ -130,13 +130,21 @@ def test_muon_shares_newton_schulz_over_ranks_out_by_cost_and_gathers_it_exactly
             assert torch.equal(v["momentum_buffer"], state["state"][k]["momentum_buffer"])
 
 
-def test_batched_newton_schulz_is_the_same_update_and_skips_on_the_device():
+def test_batched_newton_schulz_is_the_same_update_and_skips_on_the_device(monkeypatch):
     """Same-shape matrices (a tall one as its transpose) stacked: the same momentum bit for bit, the
     same parameters within the rounding of the Newton-Schulz dtype; a step flagged found_inf changes
     nothing; the GPU batches, the CPU does not (benchmarks muon_ns measured it slower here)."""
     assert optim.same_shapes([(48, 16), (16, 40), (24, 24), (40, 16), (16, 48)]) == [[0, 4], [1, 3], [2]]
     assert optim.same_shapes([(8, 8)] * 5 + [(4, 4)], limit=128) == [[0, 1], [2, 3], [4], [5]]  # stacks bounded
     assert optim.batch_newton_schulz(torch.device("cuda", 0)) and not optim.batch_newton_schulz(torch.device("cpu"))
+    real, sizes = optim.newton_schulz, []
+    monkeypatch.setattr(optim, "newton_schulz", lambda g, *a: (sizes.append(len(g) if g.dim() == 3 else 1), real(g, *a))[1])
+    params, opt, _ = muon_params(torch.float32, batched=True)
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt.step()  # (48,16), (16,40), (8,8) alone; the three (24,24); (40,8) with (8,40) as its transpose
+    assert sorted(sizes) == [1, 1, 1, 2, 3], sizes
+    monkeypatch.undo()
     for ns_dtype, atol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-3)):
         (one, opt_one, gen), (many, opt_many, _) = muon_params(ns_dtype), muon_params(ns_dtype, batched=True)
         for step in range(3):

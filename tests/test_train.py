@@ -401,5 +401,32 @@ def test_the_ranks_votes_ride_in_the_steps_own_all_reduce(small_model):
     assert abs(two.loss - one.loss) < 1e-6 and not one.votes
     p = torch.nn.Linear(3, 3)
     p.weight.grad, p.bias.grad = torch.ones(3, 3), torch.full((3,), 3.0)
-    reduce_gradients(p, Ranks(twice, 2), bucket=4)  # buckets of at most 4 elements: 9 alone, then 3
-    assert calls[2:] == [9, 3] and torch.equal(p.weight.grad, torch.ones(3, 3)) and torch.equal(p.bias.grad, torch.full((3,), 3.0))
+
+    def other_rank_adds_one(t):  # the sum with a rank whose gradients are one higher
+        calls.append(t.numel())
+        t.mul_(2).add_(1)
+
+    reduce_gradients(p, Ranks(other_rank_adds_one, 2), bucket=4)  # buckets of at most 4 elements: 9 alone, then 3
+    assert calls[2:] == [9, 3]
+    assert torch.equal(p.weight.grad, torch.full((3, 3), 1.5)) and torch.equal(p.bias.grad, torch.full((3,), 3.5))
+
+
+def test_several_ranks_vote_on_their_own_only_when_work_ran_since_the_steps_vote():
+    """Trainer.stop_reason under 2 ranks: the step's vote is used as it is (no collective); after
+    validation, scoring or a save (vote_stale) one small all-reduce, then not again."""
+    from types import SimpleNamespace
+
+    from llamaforge.train.loop import Trainer
+    from llamaforge.train.preempt import StopFlag
+
+    calls = []
+    t = Trainer.__new__(Trainer)  # only what stop_reason reads
+    t.d = SimpleNamespace(world=2, device=torch.device("cpu"), all_reduce=lambda v: (calls.append(1), v.mul_(2)))
+    t.flag, t.slowest_step_s, t.slowest_save_s = StopFlag(), 0.0, 0.0
+    t.agree_stop([0.0, 0.0, 0.0, 0.0])
+    assert t.stop_reason() is None and not calls
+    t.agree_stop([0.0, 1.0, 0.0, 0.0])  # a rank voted SIGINT in the step's all-reduce
+    assert t.stop_reason() == "SIGINT" and not calls
+    t.vote_stale, t.flag.received = True, "SIGTERM"
+    assert t.stop_reason() == "SIGTERM" and calls == [1]
+    assert t.stop_reason() == "SIGTERM" and calls == [1]

@@ -4,8 +4,8 @@ Kaggle (12 h sessions), Colab, SLURM and spot instances end jobs with SIGTERM (S
 sends SIGUSR1 first); a user presses Ctrl-C (SIGINT). A handler that raised wherever the code was
 could land between reading a batch and applying it, or inside the optimizer's per-matrix loop, and
 save a state no uninterrupted run passes through. Here a signal only sets a flag; the loop looks at
-it between steps (every rank, agreeing through the step's own loss all-reduce: no collective of its
-own), saves one checkpoint and stops with
+it between steps (every rank, agreeing through the step's own loss all-reduce; one small vote of its
+own only before the first step and after validation, scoring or a save), saves one checkpoint and stops with
 EXIT_STOPPED. `train.time_limit` stops the same way when the next step and a checkpoint might not fit
 in what is left of the limit.
 """
