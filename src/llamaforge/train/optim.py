@@ -110,8 +110,8 @@ class Muon(_TorchMuon):
     share (`owners`: matrices dealt out by cost) and one all-gather hands every rank the others'
     (modded-nanogpt's and torchtitan's way). The same computation runs on the same input, so the
     result is bit for bit the one-rank update (stacked, a rank's stacks hold only its share: on a GPU
-    equal within rounding; every rank applies the same gathered bytes either way); every rank still keeps every momentum buffer, so the
-    state dict (saved by rank 0) is unchanged."""
+    equal within rounding; every rank applies the same gathered bytes either way); every rank still
+    keeps every momentum buffer, so the state dict (saved by rank 0) is unchanged."""
 
     def __init__(self, params, ns_dtype: torch.dtype = torch.bfloat16, split: bool = False, batched: bool = False,
                  **kw):
