@@ -93,7 +93,7 @@ def newton_schulz_batching(device: torch.device, reps: int, interleaved) -> dict
     for batched in (False, True):
         params = [torch.nn.Parameter(torch.randn(s, device=device, generator=gen.manual_seed(i)) * 0.02)
                   for i, s in enumerate(llama_150m_matrices())]
-        start = [p.detach().clone() for p in params]
+        start = [p.detach().clone() for p in params]  # the same seeds: both copies start from these values
         opts[batched] = Muon(params, ns_dtype=dtype, batched=batched, lr=0.02, momentum=0.95,
                              adjust_lr_fn="original")
         for i, p in enumerate(params):

@@ -178,11 +178,10 @@ def ddp_train_worker(rank: int, world: int, port: int, overrides: list[str], dat
 
     import torch
 
-    from llamaforge.train.bench import InLoopEvaluation
-    from llamaforge.train.preempt import Stopped
-
     from llamaforge.config import load_config
     from llamaforge.train import step as step_module
+    from llamaforge.train.bench import InLoopEvaluation
+    from llamaforge.train.preempt import Stopped
     from llamaforge.workflows.pretrain import pretrain
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),

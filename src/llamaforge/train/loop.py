@@ -253,7 +253,7 @@ class Trainer(Divergence, InLoopEvaluation):
         agreed on in the last step (each rank's `stop_vote` travels in the step's loss all-reduce), or
         a vote of its own when validation, scoring or a save ran since (the same on every rank)."""
         if self.d.world == 1:
-            return self.flag.reason(2 * self.slowest_step_s, 2 * self.slowest_save_s)
+            return self.own_reason()
         if self.vote_stale:
             votes = torch.tensor(self.stop_vote(), device=self.d.device)
             self.d.all_reduce(votes)
@@ -265,10 +265,15 @@ class Trainer(Divergence, InLoopEvaluation):
         self.agreed_stop = next((c for c, n in reversed(list(zip(STOP_CODES, votes))) if n > 0), None)
         self.vote_stale = False
 
+    def own_reason(self) -> str | None:
+        """This process's reason to stop: a signal, or a time limit that two of the slowest steps and
+        saves so far might overrun."""
+        return self.flag.reason(2 * self.slowest_step_s, 2 * self.slowest_save_s)
+
     def stop_vote(self) -> list[float]:
         """This rank's reason to stop as a one-hot over STOP_CODES (summed over the ranks: the last
         code with a vote wins), cast once the step's backward is done."""
-        mine = self.flag.reason(2 * self.slowest_step_s, 2 * self.slowest_save_s)
+        mine = self.own_reason()
         return [float(mine == code) for code in STOP_CODES]
 
     def ranks(self) -> Ranks | None:
